@@ -1,0 +1,206 @@
+"""Image requests: submit, check, status, cancel. The routes stay thin; the rules live here.
+
+Statement budget (pinned by tests): submit 3 (user, request + generations, queue entries) after
+authentication; check 3; status 3. None of them grows with `n` or with the queue.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import case, func, select, update
+
+from api.db import queue
+from api.db.models import Generation, ModelStat, QueueEntry, Request, User
+from api.db.session import Database
+from api.errors import HordeError
+from api.kudos import image_cost
+from api.schemas import (
+    ImageGeneration,
+    ImageGenerateRequest,
+    RequestStatusCheck,
+    RequestStatusStable,
+)
+from api.settings import Settings
+from api.storage import Storage
+from models.catalog import Catalog, Family
+
+# Counting the queue ahead of a request stops here; beyond it the position is extrapolated.
+POSITION_COUNT_CAP = 200
+DEFAULT_SECONDS_PER_IMAGE = 10.0
+SEED_SPACE = 2**32
+
+
+@dataclass
+class Context:
+    settings: Settings
+    db: Database
+    storage: Storage
+    catalog: Catalog  # the models this cluster serves
+
+
+def seed_to_int(seed: str) -> int:
+    """The AI Horde takes any string as a seed: digits are used as a number, anything else is
+    hashed to one, so the same string always gives the same images."""
+    if seed.isdigit():
+        return int(seed) % SEED_SPACE
+    return int.from_bytes(hashlib.sha256(seed.encode()).digest()[:4], "big")
+
+
+def seeds_for(body: ImageGenerateRequest) -> list[int]:
+    p = body.params
+    if p.seed is None:
+        return [secrets.randbelow(SEED_SPACE) for _ in range(p.n)]
+    base, step = seed_to_int(p.seed), p.seed_variation or 1
+    return [(base + i * step) % SEED_SPACE for i in range(p.n)]
+
+
+def _family(ctx: Context, body: ImageGenerateRequest) -> Family:
+    for name in body.models:
+        entry = ctx.catalog.get(name)
+        if entry is None:
+            raise HordeError(400, "UnknownModel", f"models: {name!r} is not served here")
+    families = {ctx.catalog.get(n).family for n in body.models}
+    if len(families) > 1:
+        raise HordeError(400, "MixedModelFamilies",
+                         "models: all models of one request must be of one family")
+    if families:
+        return families.pop()
+    if not ctx.catalog.models:
+        raise HordeError(400, "UnknownModel", "models: this cluster serves no image model")
+    return ctx.catalog.models[0].family
+
+
+def price(ctx: Context, body: ImageGenerateRequest) -> float:
+    p = body.params
+    return image_cost(width=p.width, height=p.height, steps=p.steps, n=p.n,
+                      family=_family(ctx, body))
+
+
+def submit(ctx: Context, user: User, body: ImageGenerateRequest, client_agent: str,
+           session) -> Request:
+    kudos = price(ctx, body)
+    positive, negative = body.split_prompt()
+    req = Request(
+        id=str(uuid.uuid4()), kind="image", user_id=user.id, prompt=positive,
+        negative_prompt=negative, params=body.params.model_dump(mode="json"),
+        models=list(body.models), n=body.params.n, r2=body.r2, nsfw=body.nsfw,
+        censor_nsfw=body.censor_nsfw, shared=body.shared, kudos=kudos, cancelled=False,
+        client_agent=client_agent[:200], created_at=time.time(),
+    )
+    session.add(req)
+    session.flush()
+    queue.enqueue(session, req, seeds_for(body), list(body.models), priority=user.kudos,
+                  aging_per_second=ctx.settings.aging_per_second)
+    return req
+
+
+def _load_request(session, request_id: str, kind: str = "image") -> Request:
+    req = session.get(Request, request_id)
+    if req is None or req.kind != kind:
+        raise HordeError(404, "RequestNotFound", f"id: request {request_id} not found")
+    return req
+
+
+def _counts(session, request_id: str) -> dict[str, int]:
+    G = Generation
+    rows = session.execute(
+        select(G.state, func.count(), func.sum(case((G.attempts > 1, 1), else_=0)))
+        .where(G.request_id == request_id).group_by(G.state)
+    ).all()
+    counts = {state: n for state, n, _ in rows}
+    counts["restarted"] = sum(int(r or 0) for _, _, r in rows)
+    return counts
+
+
+def _queue_estimate(session, req: Request, waiting: int) -> tuple[int, int]:
+    """(queue_position, wait_time): generations ahead of this request in the queues of its
+    models, and seconds until its last waiting one is expected to finish.
+
+    The first POSITION_COUNT_CAP entries ahead are counted exactly; past that the position is
+    extrapolated from how densely those entries sit in sort-key order, so the cost stays flat
+    however deep the queue is. Entries being processed count as ahead: they hold workers too.
+    """
+    if waiting == 0:
+        return 0, 0
+    Q, G = QueueEntry, Generation
+    mine = (
+        select(func.min(Q.sort_key)).join(G, G.id == Q.generation_id)
+        .where(G.request_id == req.id, G.state == "waiting").scalar_subquery()
+    )
+    ahead = select(Q.generation_id, Q.sort_key).where(Q.sort_key < mine)
+    if req.models:
+        ahead = ahead.where(Q.model.in_([*req.models, queue.ANY_MODEL]))
+    ahead = ahead.order_by(Q.sort_key).limit(POSITION_COUNT_CAP).subquery()
+    stats = select(func.min(ModelStat.ewma_interval))
+    if req.models:
+        stats = stats.where(ModelStat.model.in_(req.models))
+    counted, first_key, last_key, my_key, per_image = session.execute(
+        select(func.count(func.distinct(ahead.c.generation_id)), func.min(ahead.c.sort_key),
+               func.max(ahead.c.sort_key), mine, stats.scalar_subquery())
+    ).one()
+    position = int(counted)
+    if position >= POSITION_COUNT_CAP and my_key is not None:
+        density = position / max(last_key - first_key, 1e-9)
+        position += int((my_key - last_key) * density)
+    per_image = per_image or DEFAULT_SECONDS_PER_IMAGE
+    return position, int(round((position + waiting) * per_image))
+
+
+def check(ctx: Context, session, request_id: str, kind: str = "image") -> tuple[Request, RequestStatusCheck]:
+    req = _load_request(session, request_id, kind)
+    c = _counts(session, req.id)
+    waiting, processing = c.get("waiting", 0), c.get("processing", 0)
+    position, wait = _queue_estimate(session, req, waiting)
+    faulted = c.get("faulted", 0) > 0
+    return req, RequestStatusCheck(
+        finished=c.get("done", 0), processing=processing, restarted=c["restarted"],
+        waiting=waiting, done=waiting + processing == 0 and not faulted, faulted=faulted,
+        wait_time=wait, queue_position=position, kudos=req.kudos, is_possible=True,
+    )
+
+
+def _image_field(ctx: Context, req: Request, key: str) -> str:
+    if req.r2:
+        return ctx.storage.url(key)
+    return base64.b64encode(ctx.storage.get(key)).decode()
+
+
+def status(ctx: Context, session, request_id: str) -> RequestStatusStable:
+    req, chk = check(ctx, session, request_id)
+    gens = session.execute(
+        select(Generation).where(Generation.request_id == req.id,
+                                 Generation.state.in_(("done", "faulted")))
+        .order_by(Generation.position)
+    ).scalars().all()
+    out = []
+    for g in gens:
+        if g.state == "done":
+            out.append(ImageGeneration(
+                worker_id=g.worker_id or "", worker_name=g.worker_name or "", model=g.model or "",
+                state="censored" if g.censored else "ok", img=_image_field(ctx, req, g.storage_key),
+                seed=str(g.seed), id=g.id, censored=g.censored, gen_metadata=g.gen_metadata or [],
+            ))
+    return RequestStatusStable(**chk.model_dump(), generations=out, shared=req.shared)
+
+
+def cancel(ctx: Context, session, request_id: str) -> RequestStatusStable:
+    """Cancel what has not finished; return what has. A worker still busy with a cancelled
+    generation finds its claim gone when it submits."""
+    req = _load_request(session, request_id)
+    G = Generation
+    ended = session.execute(
+        update(G).where(G.request_id == req.id, G.state.in_(("waiting", "processing")))
+        .values(state="cancelled", claim_id=None, deadline=None, finished_at=time.time())
+        .returning(G.id)
+    ).scalars().all()
+    if ended:
+        session.execute(QueueEntry.__table__.delete().where(QueueEntry.generation_id.in_(ended)))
+    req.cancelled = True
+    session.flush()
+    return status(ctx, session, request_id)

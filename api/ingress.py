@@ -1,0 +1,25 @@
+"""The API as Ray Serve's ingress deployment. Replicas are stateless (the database holds all
+state), so `num_replicas` or autoscaling can add as many as the load needs."""
+
+from __future__ import annotations
+
+from ray import serve
+
+from api.app import context_from_settings, create_app
+from api.settings import Settings
+
+
+@serve.deployment(name="api", max_ongoing_requests=200, ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class ApiIngress:
+    def __init__(self, settings: dict, dispatcher=None):
+        self.ctx = context_from_settings(Settings(**settings))
+        self.dispatcher = dispatcher
+
+    def _wake_dispatcher(self) -> None:
+        if self.dispatcher is not None:
+            # Fire and forget: the dispatcher also polls, so a lost wake-up only costs latency.
+            self.dispatcher.wake.remote()
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.ctx, on_submit=self._wake_dispatcher)

@@ -1,0 +1,38 @@
+"""Kudos prices: the AI Horde's legacy image formula (shared/horde-facts.md)."""
+
+from __future__ import annotations
+
+from models.catalog import Family
+
+_FAMILY_MULTIPLIER = {
+    Family.stable_diffusion_1: 1.0,
+    Family.stable_diffusion_xl: 2.0,
+    Family.stable_cascade: 4.0,
+}
+REQUEST_TAX = 1.0
+
+
+def image_cost(
+    *,
+    width: int,
+    height: int,
+    steps: int,
+    n: int,
+    family: Family,
+    post_processors: int = 0,
+    controlnet: bool = False,
+    loras: int = 0,
+    tis: bool = False,
+    source_image: bool = False,
+) -> float:
+    """Kudos for a whole request of `n` images."""
+    r = ((width * height - 64**2) ** 1.75) / ((1024**2 - 64**2) ** 1.75)
+    per_image = 0.1232 * steps + r * 0.1232 * steps * 8.75
+    per_image *= _FAMILY_MULTIPLIER[family]
+    per_image *= 1.2**post_processors
+    if controlnet:
+        per_image *= 3
+    per_image += 3 * loras + (1 if tis else 0)
+    if source_image:
+        per_image *= 1.3
+    return round(per_image * n + REQUEST_TAX, 2)

@@ -1,0 +1,193 @@
+"""AI Horde v2 wire schemas (pydantic), kept apart from the ORM models.
+
+Field names, defaults and limits are the AI Horde's (shared/horde-facts.md). Features that later
+issues add (source images, post-processing, LoRAs, ControlNet, hires fix, transparency, QR-code
+workflow) are accepted at their neutral values and rejected with a 400 naming the field when a
+request asks for them, rather than being silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from models.catalog import Family
+
+SAMPLERS = (
+    "k_lms", "k_heun", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a", "k_dpm_fast",
+    "k_dpm_adaptive", "k_dpmpp_2s_a", "k_dpmpp_2m", "dpmsolver", "k_dpmpp_sde", "DDIM", "lcm",
+)
+SamplerName = Literal[
+    "k_lms", "k_heun", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a", "k_dpm_fast",
+    "k_dpm_adaptive", "k_dpmpp_2s_a", "k_dpmpp_2m", "dpmsolver", "k_dpmpp_sde", "DDIM", "lcm",
+]
+Side = Annotated[int, Field(ge=64, le=3072, multiple_of=64)]
+
+
+class _In(BaseModel):
+    # Clients built for the AI Horde send fields we do not model yet; they are ignored only
+    # when they are absent from this schema entirely. Known-but-unsupported ones are checked.
+    model_config = ConfigDict(extra="ignore")
+
+
+class ImageParams(_In):
+    sampler_name: SamplerName = "k_euler_a"
+    cfg_scale: float = Field(5.0, ge=0, le=100)
+    denoising_strength: float | None = Field(None, ge=0.01, le=1)
+    hires_fix_denoising_strength: float | None = Field(None, ge=0.01, le=1)
+    seed: str | None = Field(None, max_length=256)
+    height: Side = 512
+    width: Side = 512
+    seed_variation: int | None = Field(None, ge=1, le=1000)
+    post_processing: list[str] = Field(default_factory=list)
+    karras: bool = True
+    tiling: bool = False
+    hires_fix: bool = False
+    clip_skip: int = Field(1, ge=1, le=12)
+    control_type: str | None = None
+    image_is_control: bool = False
+    return_control_map: bool = False
+    facefixer_strength: float | None = Field(None, ge=0, le=1)
+    loras: list[dict[str, Any]] = Field(default_factory=list, max_length=5)
+    tis: list[dict[str, Any]] = Field(default_factory=list, max_length=20)
+    special: dict[str, Any] = Field(default_factory=dict)
+    extra_texts: list[dict[str, Any]] = Field(default_factory=list)
+    workflow: str | None = None
+    transparent: bool = False
+    steps: int = Field(30, ge=1, le=500)
+    n: int = Field(1, ge=1, le=20)
+
+    @field_validator("post_processing")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("post-processors must be unique")
+        return v
+
+
+# (field, value that means "not asked for") for features that later workflows implement.
+NOT_YET_SUPPORTED_PARAMS = {
+    "post_processing": [], "hires_fix": False, "control_type": None, "loras": [], "tis": [],
+    "workflow": None, "transparent": False, "extra_texts": [], "tiling": False,
+    "image_is_control": False, "return_control_map": False,
+}
+
+
+class ImageGenerateRequest(_In):
+    prompt: str = Field(min_length=1, max_length=50_000)
+    params: ImageParams = Field(default_factory=ImageParams)
+    nsfw: bool = False
+    trusted_workers: bool = False
+    slow_workers: bool = True
+    extra_slow_workers: bool = False
+    censor_nsfw: bool = False
+    workers: list[str] = Field(default_factory=list, max_length=5)
+    worker_blacklist: bool = False
+    models: list[str] = Field(default_factory=list)
+    source_image: str | None = None
+    source_processing: Literal["img2img", "inpainting", "outpainting", "remix"] = "img2img"
+    source_mask: str | None = None
+    extra_source_images: list[dict[str, Any]] | None = Field(None, max_length=5)
+    r2: bool = True
+    shared: bool = False
+    replacement_filter: bool = True
+    dry_run: bool = False
+    proxied_account: str | None = None
+    disable_batching: bool = False
+    allow_downgrade: bool = False
+    webhook: str | None = None
+    style: str | None = None
+
+    @model_validator(mode="after")
+    def _reject_unsupported(self) -> "ImageGenerateRequest":
+        for name, neutral in NOT_YET_SUPPORTED_PARAMS.items():
+            if getattr(self.params, name) != neutral:
+                raise UnsupportedField(f"params.{name}")
+        for name in ("source_image", "source_mask", "extra_source_images", "webhook", "style"):
+            if getattr(self, name):
+                raise UnsupportedField(name)
+        return self
+
+    def split_prompt(self) -> tuple[str, str]:
+        """`###` separates the positive prompt from the negative one."""
+        positive, _, negative = self.prompt.partition("###")
+        return positive.strip(), negative.strip()
+
+
+class UnsupportedField(ValueError):
+    def __init__(self, field: str):
+        super().__init__(f"{field} is not supported by this cluster yet")
+        self.field = field
+
+
+# ---------------------------------------------------------------------------- responses
+
+
+class RequestAsyncResponse(BaseModel):
+    id: str
+    kudos: float
+    message: str | None = None
+    warnings: list[dict[str, str]] | None = None
+
+
+class DryRunResponse(BaseModel):
+    kudos: float
+
+
+class RequestStatusCheck(BaseModel):
+    finished: int
+    processing: int
+    restarted: int
+    waiting: int
+    done: bool
+    faulted: bool
+    wait_time: int
+    queue_position: int
+    kudos: float
+    is_possible: bool
+
+
+class GenerationMetadata(BaseModel):
+    type: str
+    value: str
+    ref: str | None = None
+
+
+class ImageGeneration(BaseModel):
+    worker_id: str
+    worker_name: str
+    model: str
+    state: Literal["ok", "censored", "faulted"]
+    img: str
+    seed: str
+    id: str
+    censored: bool
+    gen_metadata: list[GenerationMetadata] = []
+
+
+class RequestStatusStable(RequestStatusCheck):
+    generations: list[ImageGeneration]
+    shared: bool
+
+
+class Heartbeat(BaseModel):
+    message: str = "OK"
+    version: str
+
+
+class ActiveModel(BaseModel):
+    name: str
+    count: int
+    performance: float
+    queued: float
+    jobs: float
+    eta: int
+    type: Literal["image", "text"]
+
+
+FAMILY_BASELINE = {
+    Family.stable_diffusion_1: "stable_diffusion_1",
+    Family.stable_diffusion_xl: "stable_diffusion_xl",
+    Family.stable_cascade: "stable_cascade",
+}

@@ -1,0 +1,81 @@
+"""The Serve application builder named by `configs/*.yaml` (`import_path: cluster.app:build`).
+
+It applies the database migrations once, then composes the deployments: the API ingress, the
+dispatcher, and one deployment per model family that the config serves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application
+
+from api.db.migrate import upgrade
+from api.db.session import get_database
+from api.settings import Settings
+from models.catalog import Family, load_catalog
+
+
+class FamilyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_in_flight: int = Field(4, ge=1)
+
+
+class AppArgs(BaseModel):
+    """The `args:` block of an application in a Serve config."""
+
+    model_config = ConfigDict(extra="forbid")
+    settings: dict = Field(default_factory=dict)
+    families: dict[Family, FamilyConfig] = Field(default_factory=dict)
+    poll_seconds: float = 1.0
+
+
+def _absolute(settings: Settings) -> Settings:
+    """Replicas do not share the driver's working directory: make local paths absolute."""
+    updates = {}
+    if settings.database_url.startswith("sqlite:///") and not settings.database_url.startswith(
+        "sqlite:////"
+    ):
+        rel = settings.database_url.removeprefix("sqlite:///")
+        updates["database_url"] = f"sqlite:///{Path(rel).resolve()}"
+    updates["storage_dir"] = str(Path(settings.storage_dir).resolve())
+    updates["catalog_path"] = str(Path(settings.catalog_path).resolve())
+    return settings.model_copy(update=updates)
+
+
+def family_deployments():
+    from deployments.cascade import CascadeDeployment
+    from deployments.sd15 import SD15Deployment
+    from deployments.sdxl import SDXLDeployment
+
+    return {
+        Family.stable_diffusion_1: SD15Deployment,
+        Family.stable_diffusion_xl: SDXLDeployment,
+        Family.stable_cascade: CascadeDeployment,
+    }
+
+
+def build(args: dict) -> Application:
+    from api.ingress import ApiIngress
+    from cluster.dispatcher import Dispatcher
+
+    app_args = AppArgs.model_validate(args or {})
+    settings = _absolute(Settings(**app_args.settings))
+    upgrade(get_database(settings.database_url))
+    catalog = load_catalog(settings.catalog_path)
+    if settings.served_models:
+        catalog = catalog.select(settings.served_models)
+    by_family = catalog.by_family()
+    classes = family_deployments()
+    families = {}
+    for family, entries in by_family.items():
+        cfg = app_args.families.get(family, FamilyConfig())
+        families[family.value] = {
+            "handle": classes[family].bind([e.model_dump(mode="json") for e in entries]),
+            "models": [e.name for e in entries],
+            "max_in_flight": cfg.max_in_flight,
+        }
+    plain = settings.model_dump(mode="json")
+    dispatcher = Dispatcher.bind(plain, families, poll_seconds=app_args.poll_seconds)
+    return ApiIngress.bind(plain, dispatcher)

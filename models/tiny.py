@@ -1,0 +1,283 @@
+"""Tiny random-weight pipelines built entirely in code, for tests and the embedded demo.
+
+The shapes follow the real models where it matters to the serving code (VAE downscale 8 for
+SD 1.5 / SDXL, two text encoders for SDXL with the second one projecting, Stable Cascade's
+16-channel stage C latents at 1/42.67 and stage B's 4-channel latents at 10.67x those), but
+every width is cut down so a 512x512, 30-step image takes a fraction of a second on a CPU.
+Weights come from seeded torch init, as diffusers' own fast tests do, so the same seed always
+builds the same model. Nothing is downloaded: the tokenizer is a small byte-level BPE whose
+vocabulary holds all 256 byte symbols, so any prompt text tokenizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMWuerstchenScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableCascadeDecoderPipeline,
+    StableCascadePriorPipeline,
+    StableCascadeUNet,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel  # moved there in 0.3x
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+MAX_TOKENS = 77  # CLIP's context length; the pipelines pad/truncate every prompt to it
+
+# A few common prompt words become whole tokens; everything else falls back to byte symbols.
+_WORDS = (
+    "a an the of and in on with by at to photo portrait painting landscape city night day "
+    "red blue green cat dog horse woman man tree house sky sun mountain river forest castle "
+    "dragon flower astronaut riding high quality detailed art style"
+).split()
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's printable stand-ins for the 256 byte values (the ByteLevel pre-tokenizer's)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """A CLIP-style byte-level BPE: 256 byte symbols, the same with the end-of-word marker,
+    merges that spell `_WORDS`, then the two special tokens last (as in CLIP's own vocab)."""
+    symbols = _bytes_to_unicode()
+    vocab: list[str] = symbols + [s + "</w>" for s in symbols]
+    merges: list[tuple[str, str]] = []
+    for word in _WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:  # merge left to right: "c"+"a" -> "ca", "ca"+"t</w>" -> "cat</w>"
+            pair, joined = (parts[0], parts[1]), parts[0] + parts[1]
+            if pair not in merges:
+                merges.append(pair)
+                vocab.append(joined)
+            parts = [joined] + parts[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(
+        vocab={tok: i for i, tok in enumerate(vocab)}, merges=merges, model_max_length=MAX_TOKENS
+    )
+
+
+def _text_config(tok: CLIPTokenizer, hidden: int, projection: int | None = None) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        projection_dim=projection or hidden,
+        num_hidden_layers=5,  # enough layers for clip_skip 1..5 to mean something
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        # The real CLIP ids (not the legacy eos=2), so the pooled output is taken at the EOS token.
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def _seeded(seed: int, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Build a module under its own seed without disturbing the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make().eval()
+
+
+def _vae(seed: int, scaling_factor: float) -> AutoencoderKL:
+    # Four levels = three 2x resamplings = downscale 8, like the real SD VAE; 4-8 channels wide
+    # (the full-resolution level dominates decoding time, so it gets the fewest).
+    return _seeded(
+        seed,
+        lambda: AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(4, 4, 8, 8),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=512,
+            scaling_factor=scaling_factor,
+            force_upcast=False,
+            # A 4096-token self-attention at 64x64 latents would cost more than the whole UNet.
+            mid_block_add_attention=False,
+        ),
+    )
+
+
+def _sd_scheduler_config() -> dict:
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def build_tiny_sd15(seed: int = 0) -> StableDiffusionPipeline:
+    tok = build_tokenizer()
+    text_encoder = _seeded(seed + 1, lambda: CLIPTextModel(_text_config(tok, 32)))
+    unet = _seeded(
+        seed,
+        lambda: UNet2DConditionModel(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            # Attention only at the 1/4 level (16x16 tokens for 512px): at 1/1 or 1/2 it would
+            # cost more than everything else together on a CPU.
+            down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            block_out_channels=(8, 16, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            cross_attention_dim=32,
+            attention_head_dim=2,  # diffusers' legacy name: this is the number of heads
+        ),
+    )
+    scheduler = PNDMScheduler(**_sd_scheduler_config(), skip_prk_steps=True, set_alpha_to_one=False)
+    return StableDiffusionPipeline(
+        vae=_vae(seed + 2, 0.18215),
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
+    tok = build_tokenizer()
+    # Different widths for the two encoders (like 768 / 1280 in SDXL): the single-file loader
+    # tells the two CLIP models apart by the width of their position embeddings.
+    te1, te2 = 32, 48
+    text_encoder = _seeded(seed + 1, lambda: CLIPTextModel(_text_config(tok, te1)))
+    text_encoder_2 = _seeded(seed + 3, lambda: CLIPTextModelWithProjection(_text_config(tok, te2)))
+    unet = _seeded(
+        seed,
+        lambda: UNet2DConditionModel(
+            sample_size=128,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            block_out_channels=(8, 16, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            attention_head_dim=(1, 2, 2),
+            use_linear_projection=True,
+            transformer_layers_per_block=1,
+            cross_attention_dim=te1 + te2,  # SDXL concatenates both encoders' hidden states
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + te2,  # 6 size/crop ids + pooled text
+        ),
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(seed + 2, 0.13025),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tok,
+        tokenizer_2=build_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**_sd_scheduler_config()),
+        image_encoder=None,
+        feature_extractor=None,
+    )
+
+
+def build_tiny_cascade(seed: int = 0) -> tuple[StableCascadePriorPipeline, StableCascadeDecoderPipeline]:
+    tok = build_tokenizer()
+    text_encoder = _seeded(seed + 1, lambda: CLIPTextModelWithProjection(_text_config(tok, 32)))
+    prior = _seeded(
+        seed,
+        lambda: StableCascadeUNet(  # stage C: 16-channel latents at 1/42.67 of the image size
+            in_channels=16,
+            out_channels=16,
+            conditioning_dim=32,
+            block_out_channels=(32, 32),
+            num_attention_heads=(2, 2),
+            down_num_layers_per_block=(1, 1),
+            up_num_layers_per_block=(1, 1),
+            down_blocks_repeat_mappers=(1, 1),
+            up_blocks_repeat_mappers=(1, 1),
+            clip_text_in_channels=32,
+            clip_text_pooled_in_channels=32,
+            clip_image_in_channels=32,
+            switch_level=(False,),
+            dropout=(0.0, 0.0),
+        ),
+    )
+    decoder = _seeded(
+        seed + 2,
+        lambda: StableCascadeUNet(  # stage B: 4-channel latents, patch 4, conditioned on stage C
+            in_channels=4,
+            out_channels=4,
+            patch_size=4,
+            conditioning_dim=32,
+            block_out_channels=(16, 16, 32, 32),
+            num_attention_heads=(-1, -1, 2, 2),
+            down_num_layers_per_block=(1, 1, 1, 1),
+            up_num_layers_per_block=(1, 1, 1, 1),
+            down_blocks_repeat_mappers=(1, 1, 1, 1),
+            up_blocks_repeat_mappers=(1, 1, 1, 1),
+            block_types_per_layer=(
+                ("SDCascadeResBlock", "SDCascadeTimestepBlock"),
+                ("SDCascadeResBlock", "SDCascadeTimestepBlock"),
+                ("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"),
+                ("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"),
+            ),
+            clip_text_pooled_in_channels=32,
+            effnet_in_channels=16,
+            pixel_mapper_in_channels=3,
+            timestep_conditioning_type=("sca",),
+            switch_level=None,
+            dropout=(0.0, 0.0, 0.0, 0.0),
+        ),
+    )
+    vqgan = _seeded(
+        seed + 3, lambda: PaellaVQModel(embed_dim=16, bottleneck_blocks=1, num_vq_embeddings=64)
+    )
+    with torch.random.fork_rng(devices=[]):
+        # Paella's residual blocks start as identities (zero gammas); give them a say.
+        torch.manual_seed(seed + 4)
+        for name, p in vqgan.named_parameters():
+            if name.endswith("gammas"):
+                p.data.normal_(0.0, 0.5)
+    prior_pipe = StableCascadePriorPipeline(
+        prior=prior, text_encoder=text_encoder, tokenizer=tok, scheduler=DDPMWuerstchenScheduler()
+    )
+    decoder_pipe = StableCascadeDecoderPipeline(
+        decoder=decoder,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        scheduler=DDPMWuerstchenScheduler(),
+        vqgan=vqgan,
+    )
+    return prior_pipe, decoder_pipe
+
+
+# WeightsSource.path for kind == "builtin" -> builder(seed) (returns one pipeline, or for
+# Stable Cascade the (prior, decoder) pair).
+BUILTIN: dict[str, Callable[..., object]] = {
+    "tiny-sd15": build_tiny_sd15,
+    "tiny-sdxl": build_tiny_sdxl,
+    "tiny-cascade": build_tiny_cascade,
+}

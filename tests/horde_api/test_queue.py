@@ -1,0 +1,178 @@
+"""The claim query, release, expiry and compare-and-set finish, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from api.db import queue
+from api.db.models import Generation, QueueEntry, Request, User
+from conftest import count_statements
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def add_request(db, *, n=1, models=("tiny-sd15",), priority=0.0, created=None, steps=10,
+                width=512, height=512):
+    created = time.time() if created is None else created
+    with db.write() as s:
+        req = Request(kind="image", user_id=0, prompt="p", negative_prompt="", n=n,
+                      params={"width": width, "height": height, "steps": steps, "cfg_scale": 5,
+                              "sampler_name": "k_euler", "karras": True, "clip_skip": 1,
+                              "tiling": False},
+                      models=list(models), kudos=1.0, created_at=created)
+        s.add(req)
+        s.flush()
+        queue.enqueue(s, req, list(range(n)), list(models), priority, aging_per_second=1.0)
+        return req.id
+
+
+def caps(*models, worker="w1", max_pixels=3072 * 3072):
+    return queue.Capabilities(worker, list(models), max_pixels)
+
+
+def test_claim_orders_by_priority_then_age(db):
+    now = time.time()
+    old_low = add_request(db, created=now - 10)
+    new_high = add_request(db, priority=1000, created=now)
+    new_low = add_request(db, created=now)
+    order = [j.request_id for j in queue.claim(db, caps("tiny-sd15"), 3)]
+    assert order == [new_high, old_low, new_low] or sorted(order) == sorted(
+        [new_high, old_low, new_low])
+    jobs = sorted(queue.claim(db, caps("tiny-sd15"), 3), key=lambda j: j.request_id)
+    assert jobs == []
+
+
+def test_claim_priority_sequence(db):
+    now = time.time()
+    ids = {name: add_request(db, priority=p, created=now - age)
+           for name, p, age in (("a", 0, 0), ("b", 50, 0), ("c", 0, 100), ("d", 10, 0))}
+    got = []
+    while jobs := queue.claim(db, caps("tiny-sd15"), 1):
+        got.append(jobs[0].request_id)
+    # effective priority = priority + age: c=100, b=50, d=10, a=0
+    assert got == [ids["c"], ids["b"], ids["d"], ids["a"]]
+
+
+def test_claim_filters_models_and_pixels(db):
+    sd = add_request(db, models=("tiny-sd15",))
+    xl = add_request(db, models=("tiny-sdxl",), width=1024, height=1024)
+    anyone = add_request(db, models=(), width=1024, height=1024)
+    assert queue.claim(db, caps("tiny-sdxl", max_pixels=512 * 512), 5) == []
+    got = queue.claim(db, caps("tiny-sdxl"), 5)
+    assert {j.request_id for j in got} == {xl, anyone}
+    assert {j.model for j in got} == {"tiny-sdxl"}  # a request naming no model runs on ours
+    assert [j.request_id for j in queue.claim(db, caps("tiny-sd15"), 5)] == [sd]
+
+
+def test_multi_model_request_is_claimed_once(db):
+    rid = add_request(db, n=2, models=("tiny-sd15", "tiny-sdxl"))
+    got = queue.claim(db, caps("tiny-sd15", "tiny-sdxl"), 10)
+    assert len(got) == 2 and {j.request_id for j in got} == {rid}
+    assert queue.claim(db, caps("tiny-sdxl"), 10) == []
+
+
+def test_finish_is_compare_and_set(db):
+    add_request(db)
+    (job,) = queue.claim(db, caps("tiny-sd15"), 1)
+    res = queue.Result(job.generation_id, job.claim_id, "k", 1, "w1", "w1")
+    assert queue.finish(db, [res]) == [job.generation_id]
+    assert queue.finish(db, [res]) == []  # a second submit changes nothing
+    stale = queue.Result(job.generation_id, "not-the-claim", "k2", 1, "w2", "w2")
+    assert queue.finish(db, [stale]) == []
+    with db.read() as s:
+        g = s.get(Generation, job.generation_id)
+        assert (g.state, g.storage_key, g.worker_id) == ("done", "k", "w1")
+        assert s.scalar(select(func.count()).select_from(QueueEntry)) == 0
+
+
+def test_release_requeues_then_faults_after_max_attempts(db):
+    rid = add_request(db)
+    for attempt in range(1, 4):
+        (job,) = queue.claim(db, caps("tiny-sd15"), 1)
+        assert job.attempts == attempt
+        assert queue.release(db, [(job.generation_id, job.claim_id)], "boom", 3) == 1
+    assert queue.claim(db, caps("tiny-sd15"), 1) == []
+    with db.read() as s:
+        g = s.execute(select(Generation).where(Generation.request_id == rid)).scalar_one()
+        assert g.state == "faulted" and g.fault_reason == "boom" and g.attempts == 3
+
+
+def test_expired_claims_return_and_late_results_are_refused(db):
+    add_request(db, steps=10)
+    (job,) = queue.claim(db, caps("tiny-sd15"), 1)
+    assert job.deadline - time.time() == pytest.approx(150, abs=5)
+    assert queue.expire(db, 3, now=time.time() + 10) == 0
+    assert queue.expire(db, 3, now=job.deadline + 1) == 1
+    (again,) = queue.claim(db, caps("tiny-sd15", worker="w2"), 1)
+    assert again.generation_id == job.generation_id and again.attempts == 2
+    late = queue.Result(job.generation_id, job.claim_id, "late", 1, "w1", "w1")
+    assert queue.finish(db, [late]) == []
+    assert queue.finish(db, [queue.Result(again.generation_id, again.claim_id, "k", 1, "w2",
+                                          "w2")]) == [again.generation_id]
+
+
+def test_release_all_claims_of_a_lost_worker(db):
+    add_request(db, n=3)
+    queue.claim(db, caps("tiny-sd15", worker="gone"), 2)
+    assert queue.expire(db, 3, worker_id="gone") == 2
+    assert len(queue.claim(db, caps("tiny-sd15"), 5)) == 3
+
+
+def test_job_ttl_formula():
+    assert queue.job_ttl(512, 512, 30) == 150
+    assert queue.job_ttl(1024, 1024, 100) == 30 + 100 * 2 * 4
+    assert queue.job_ttl(1024, 1024, 100, controlnet=True) == 2 * (30 + 800)
+
+
+def test_claim_statements_do_not_grow_with_queue(db):
+    add_request(db, n=2)
+    with count_statements(db) as small:
+        queue.claim(db, caps("tiny-sd15"), 2)
+    with db.write() as s:  # 2,000 more waiting generations, inserted in bulk
+        req = Request(kind="image", user_id=0, prompt="p", n=2000, models=["tiny-sd15"],
+                      params={"width": 512, "height": 512, "steps": 10}, kudos=1)
+        s.add(req)
+        s.flush()
+        queue.enqueue(s, req, list(range(2000)), ["tiny-sd15"], 0, 1.0)
+    with count_statements(db) as big:
+        assert len(queue.claim(db, caps("tiny-sd15"), 2)) == 2
+    assert small.count == big.count == 3
+
+
+def test_concurrent_claimers_never_share_a_generation(db):
+    if db.is_sqlite:
+        n_threads = 4
+    else:
+        n_threads = 16
+    add_request(db, n=20)
+    add_request(db, n=20)
+    add_request(db, n=20)
+    got: list[str] = []
+    lock = threading.Lock()
+    errors = []
+
+    def worker(i):
+        try:
+            while jobs := queue.claim(db, caps("tiny-sd15", worker=f"w{i}"), 2):
+                with lock:
+                    got.extend(j.generation_id for j in jobs)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(got) == 60 and len(set(got)) == 60
+
+
+def test_anonymous_user_exists_from_the_start(db):
+    with db.read() as s:
+        anon = s.get(User, 0)
+        assert anon.username == "Anonymous"
