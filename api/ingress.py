@@ -3,10 +3,14 @@ state), so `num_replicas` or autoscaling can add as many as the load needs."""
 
 from __future__ import annotations
 
+import logging
+
 from ray import serve
 
 from api.app import context_from_settings, create_app
 from api.settings import Settings
+
+log = logging.getLogger("ray.serve")
 
 
 @serve.deployment(name="api", max_ongoing_requests=200, ray_actor_options={"num_cpus": 0})
@@ -17,9 +21,15 @@ class ApiIngress:
         self.dispatcher = dispatcher
 
     def _wake_dispatcher(self) -> None:
-        if self.dispatcher is not None:
-            # Fire and forget: the dispatcher also polls, so a lost wake-up only costs latency.
+        """Called on the event loop after a request is committed. Fire and forget: the
+        dispatcher also polls, so a lost wake-up only costs latency, and the client has its
+        202 either way."""
+        if self.dispatcher is None:
+            return
+        try:
             self.dispatcher.wake.remote()
+        except Exception:
+            log.warning("could not wake the dispatcher", exc_info=True)
 
     def __serve_build_asgi_app__(self):
         return create_app(self.ctx, on_submit=self._wake_dispatcher)

@@ -14,28 +14,21 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
 from sqlalchemy import text  # noqa: E402
 
 from api.db import queue  # noqa: E402
-from api.db.migrate import upgrade  # noqa: E402
-from api.db.models import Base, Request  # noqa: E402
+from api.db.models import Request  # noqa: E402
 from api.db.session import Database  # noqa: E402
 from api.images import Context, check  # noqa: E402
 from api.settings import Settings  # noqa: E402
 from api.storage import LocalStorage  # noqa: E402
+from bench_common import pct, reset_database  # noqa: E402
 from models.catalog import load_catalog  # noqa: E402
 
 PARAMS = {"width": 512, "height": 512, "steps": 30, "cfg_scale": 5, "sampler_name": "k_euler",
           "karras": True, "clip_skip": 1, "tiling": False}
-
-
-def reset(db: Database) -> None:
-    with db.engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-        Base.metadata.drop_all(conn)
-    upgrade(db)
 
 
 def fill(db: Database, waiting: int, batch: int = 5000) -> None:
@@ -70,12 +63,8 @@ def timed(fn, repeat: int) -> list[float]:
     return out
 
 
-def pct(xs: list[float], p: float) -> float:
-    return sorted(xs)[min(len(xs) - 1, int(len(xs) * p))]
-
-
 def measure(db: Database, ctx: Context, waiting: int, repeat: int) -> dict:
-    reset(db)
+    reset_database(db.url)
     fill(db, waiting)
     with db.engine.begin() as conn:  # what autovacuum does on a live server
         conn.execute(text("ANALYZE"))
@@ -114,7 +103,7 @@ def main() -> None:
     for name in ("check", "claim+release"):
         ratio = statistics.median(results[args.deep][name]) / statistics.median(results[10][name])
         print(f"ratio {name} p50 at {args.deep} / at 10 waiting: {ratio:.2f}")
-    reset(db)
+    reset_database(db.url)
 
 
 if __name__ == "__main__":

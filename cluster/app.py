@@ -29,6 +29,9 @@ class AppArgs(BaseModel):
     settings: dict = Field(default_factory=dict)
     families: dict[Family, FamilyConfig] = Field(default_factory=dict)
     poll_seconds: float = 1.0
+    # False: the API alone, no dispatcher and no model deployments; the queue is then drained
+    # only by workers from outside (benchmarks of the API use this too).
+    dispatch: bool = True
 
 
 def _absolute(settings: Settings) -> Settings:
@@ -63,6 +66,9 @@ def build(args: dict) -> Application:
     app_args = AppArgs.model_validate(args or {})
     settings = _absolute(Settings(**app_args.settings))
     upgrade(get_database(settings.database_url))
+    plain = settings.model_dump(mode="json")
+    if not app_args.dispatch:
+        return ApiIngress.bind(plain, None)
     catalog = load_catalog(settings.catalog_path)
     if settings.served_models:
         catalog = catalog.select(settings.served_models)
@@ -76,6 +82,5 @@ def build(args: dict) -> Application:
             "models": [e.name for e in entries],
             "max_in_flight": cfg.max_in_flight,
         }
-    plain = settings.model_dump(mode="json")
     dispatcher = Dispatcher.bind(plain, families, poll_seconds=app_args.poll_seconds)
     return ApiIngress.bind(plain, dispatcher)

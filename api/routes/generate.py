@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from api import images
 from api.routes.deps import authenticate, ctx_of
@@ -14,19 +15,31 @@ router = APIRouter(tags=["generate"])
 
 @router.post("/generate/async", status_code=202, response_model=RequestAsyncResponse,
              response_model_exclude_none=True)
-def generate_async(body: ImageGenerateRequest, request: Request,
-                   apikey: str | None = Header(None),
-                   client_agent: str = Header("unknown:0:unknown")):
+async def generate_async(body: ImageGenerateRequest, request: Request,
+                         apikey: str | None = Header(None)):
     ctx = ctx_of(request)
+    # horde-sdk sends `client_agent` (underscore), browsers' clients `Client-Agent`.
+    client_agent = (request.headers.get("client-agent") or request.headers.get("client_agent")
+                    or "unknown:0:unknown")
     if body.dry_run:
-        with ctx.db.read() as session:
-            authenticate(ctx, session, apikey)
-            return JSONResponse({"kudos": images.price(ctx, body)}, status_code=200)
-    with ctx.db.write() as session:
-        user = authenticate(ctx, session, apikey)
-        req = images.submit(ctx, user, body, client_agent, session)
+        kudos = await run_in_threadpool(_price, ctx, body, apikey)
+        return JSONResponse({"kudos": kudos}, status_code=200)
+    req = await run_in_threadpool(_submit, ctx, body, apikey, client_agent)
+    # On the event loop, after the commit: Serve handles must be called from the loop.
     request.app.state.on_submit()
     return RequestAsyncResponse(id=req.id, kudos=req.kudos)
+
+
+def _price(ctx, body: ImageGenerateRequest, apikey: str | None) -> float:
+    with ctx.db.read() as session:
+        authenticate(ctx, session, apikey)
+        return images.price(ctx, body)
+
+
+def _submit(ctx, body: ImageGenerateRequest, apikey: str | None, client_agent: str):
+    with ctx.db.write() as session:
+        user = authenticate(ctx, session, apikey)
+        return images.submit(ctx, user, body, client_agent, session)
 
 
 @router.get("/generate/check/{request_id}", response_model=RequestStatusCheck)

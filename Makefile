@@ -1,0 +1,40 @@
+# The two set-up commands of the README:
+#   make run    install into .venv and start the embedded cluster (SQLite, local files, tiny
+#               models, CPU) with the API on http://127.0.0.1:8000/api/v2/
+#   make test   install into .venv (or reuse it) and run the whole test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# Serve's HAProxy ingress; must be in the environment of the process that starts Ray.
+SERVE_ENV := RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+
+.PHONY: run test install bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned in pyproject.toml (2.13.0, the CPU wheel found through PIP_FIND_LINKS here).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# `--address local` always starts a fresh Ray for this cluster (on a free port, never 6379),
+# instead of joining some other Ray already running on the machine.
+run: install
+	mkdir -p data
+	$(SERVE_ENV) $(BIN)/serve run --address local configs/local.yaml
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Benchmarks print their figures; they reset the tables of the database they are given
+# (BENCH_DB, a scratch PostgreSQL database), so never point them at a live one.
+BENCH_DB ?= postgresql://postgres@127.0.0.1:5432/test
+bench: install
+	$(BIN)/python bench/statements.py --url $(BENCH_DB)
+	$(BIN)/python bench/queue_depth.py --url $(BENCH_DB)
+	$(SERVE_ENV) $(BIN)/python bench/api_latency.py --url $(BENCH_DB)
+	$(SERVE_ENV) $(BIN)/python bench/whole_path.py

@@ -1,0 +1,125 @@
+"""A local Ray + Serve cluster running the rayhorde application, for tests and benchmarks.
+
+Ray gets its own GCS port (6379 is Redis's here), Serve's HAProxy ingress is switched on the
+way the configs do it, and on exit everything this started is stopped by `serve.shutdown()` and
+`ray.shutdown()` (never `ray stop`), after which no HAProxy process of this node may remain.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[2]
+HORDE_SDK_VENV = ROOT / ".cache" / "horde-sdk-venv"
+HORDE_SDK_VERSION = "0.33.3"
+SERVE_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # Ingress replicas otherwise wait 30 s for connections to drain on shutdown.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+}
+
+
+def haproxy_pids(node_id: str) -> list[int]:
+    out = []
+    for p in psutil.process_iter(["pid", "name", "cmdline", "status"]):
+        cmd = p.info["cmdline"] or []
+        if (cmd and os.path.basename(cmd[0]) == "haproxy" and any(node_id in a for a in cmd)
+                and p.info["status"] != psutil.STATUS_ZOMBIE):
+            out.append(p.info["pid"])
+    return out
+
+
+def replica_actor(app: str, deployment: str):
+    """A live replica of `deployment` (named SERVE_REPLICA::<app>#<deployment>#<id>)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["namespace"] == "serve" and a["name"].startswith(prefix):
+            return ray.get_actor(a["name"], namespace="serve")
+    return None
+
+
+def horde_sdk_python() -> str:
+    """The venv with horde-sdk (Python 3.12), made on first use."""
+    python = HORDE_SDK_VENV / "bin" / "python"
+    marker = HORDE_SDK_VENV / f".horde-sdk-{HORDE_SDK_VERSION}"
+    if not marker.exists():
+        base = subprocess.run(["pyenv", "which", "python"], env={**os.environ,
+                              "PYENV_VERSION": "3.12.1"}, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        subprocess.run([base, "-m", "venv", str(HORDE_SDK_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q",
+                        f"horde-sdk=={HORDE_SDK_VERSION}"], check=True)
+        marker.touch()
+    return str(python)
+
+
+def settings_for(workdir: Path, database_url: str | None = None) -> dict:
+    return {
+        "database_url": database_url or f"sqlite:///{workdir}/rayhorde.db",
+        "storage": "local",
+        "storage_dir": str(workdir / "objects"),
+        "catalog_path": str(ROOT / "configs" / "models.yaml"),
+        "served_models": ["tiny-sd15", "tiny-sdxl", "tiny-cascade"],
+    }
+
+
+@contextmanager
+def running_cluster(workdir: Path, database_url: str | None = None, families: dict | None = None,
+                    dispatch: bool = True, config: Path = ROOT / "configs" / "local.yaml"):
+    """`config` (the embedded cluster's own configs/local.yaml by default) deployed on a fresh
+    local Ray, its settings pointed at `workdir`. `dispatch=False`: the API alone."""
+    import ray
+    from ray import serve
+
+    from api.db.models import Generation
+    from api.db.session import get_database
+    from cluster.deploy import APP_NAME, deploy, load_config
+
+    os.environ.update(SERVE_ENV)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    node_id = ray.get_runtime_context().get_node_id()
+    settings = settings_for(workdir, database_url)
+    try:
+        app_config = load_config(config, settings=settings, families=families,
+                                 args={"poll_seconds": 0.5, "dispatch": dispatch})
+        if not dispatch:
+            for app in app_config["applications"]:
+                app["deployments"] = [d for d in app.get("deployments", []) if d["name"] == "api"]
+        deploy(app_config)
+        db = get_database(settings["database_url"])
+
+        def attempts(request_id: str) -> list[int]:
+            with db.read() as s:
+                return [g.attempts for g in s.query(Generation)
+                        .filter(Generation.request_id == request_id)
+                        .order_by(Generation.position)]
+
+        yield {
+            "url": "http://127.0.0.1:8000",
+            "db": db,
+            "replica_actor": lambda deployment: replica_actor(APP_NAME, deployment),
+            "attempts": attempts,
+            "horde_sdk_python": horde_sdk_python,
+        }
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+        deadline = time.time() + 30
+        while haproxy_pids(node_id) and time.time() < deadline:
+            time.sleep(0.5)
+        left = haproxy_pids(node_id)
+        for pid in left:  # clean up for the next test, then fail this one
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"haproxy outlived the cluster: {left}"
