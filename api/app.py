@@ -3,14 +3,22 @@ ingress deployment (cluster/app.py), and runnable bare for tests and benchmarks.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.db import queue
 from api.errors import install_error_handlers
 from api.images import Context
-from api.routes import generate, status
+from api.ratelimit import RateLimiter
+from api.routes import generate, status, users, workers
+
+log = logging.getLogger("rayhorde.api")
 
 
 class BodySizeLimit:
@@ -54,14 +62,34 @@ class _TooLarge(Exception):
     pass
 
 
+async def sweep_expired(ctx: Context) -> None:
+    """Hand claims past their deadline back to the queue, every `expire_every_seconds`. Each
+    API replica runs this (the update is idempotent), so expiry works whether or not the
+    cluster runs a dispatcher; its cost follows the number of claims, not the queue."""
+    s = ctx.settings
+    while True:
+        await asyncio.sleep(s.expire_every_seconds)
+        try:
+            await run_in_threadpool(queue.expire, ctx.db, s.max_attempts,
+                                    max_consecutive_drops=s.max_consecutive_drops)
+        except Exception:
+            log.exception("sweeping expired claims failed; retrying")
+
+
 def create_app(ctx: Context, on_submit: Callable[[], None] | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        sweeper = asyncio.create_task(sweep_expired(ctx))
+        yield
+        sweeper.cancel()
+
     app = FastAPI(title="rayhorde", version="2.5.0", docs_url="/api/docs",
-                  openapi_url="/api/openapi.json")
+                  openapi_url="/api/openapi.json", lifespan=lifespan)
     app.state.ctx = ctx
     app.state.on_submit = on_submit or (lambda: None)
     install_error_handlers(app)
-    app.include_router(generate.router, prefix="/api/v2")
-    app.include_router(status.router, prefix="/api/v2")
+    for routes in (generate, workers, users, status):
+        app.include_router(routes.router, prefix="/api/v2")
     app.add_middleware(BodySizeLimit, limit=ctx.settings.max_body_bytes)
     return app
 
@@ -75,4 +103,10 @@ def context_from_settings(settings) -> Context:
     if settings.served_models:
         catalog = catalog.select(settings.served_models)
     return Context(settings=settings, db=get_database(settings.database_url),
-                   storage=make_storage(settings), catalog=catalog)
+                   storage=make_storage(settings), catalog=catalog, limiter=make_limiter(settings))
+
+
+def make_limiter(settings) -> RateLimiter:
+    return RateLimiter(settings.rate_limit_storage, {
+        "submit": settings.rate_limit_submit, "poll": settings.rate_limit_poll,
+        "pop": settings.rate_limit_pop})

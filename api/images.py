@@ -1,7 +1,8 @@
 """Image requests: submit, check, status, cancel. The routes stay thin; the rules live here.
 
-Statement budget (pinned by tests): submit 3 (user, request + generations, queue entries) after
-authentication; check 3; status 3. None of them grows with `n` or with the queue.
+Statement budget (pinned by tests): submit 4 after authentication (the requester's active count,
+request, generations, queue entries; one more when it names workers); check 3; status 4. None
+of them grows with `n` or with the queue.
 """
 
 from __future__ import annotations
@@ -16,10 +17,19 @@ from dataclasses import dataclass
 from sqlalchemy import case, func, select, update
 
 from api.db import queue
-from api.db.models import Generation, ModelStat, QueueEntry, Request, User
+from api.auth import ANONYMOUS_USER_ID
+from api.db.models import Generation, ModelStat, QueueEntry, Request, User, Worker
 from api.db.session import Database
 from api.errors import HordeError
-from api.kudos import image_cost
+from api.kudos import (
+    REQUEST_TAX,
+    UPFRONT_PIXELS,
+    UPFRONT_STEPS,
+    head_start_seconds,
+    image_cost,
+    needs_upfront_kudos,
+)
+from api.ratelimit import RateLimiter
 from api.schemas import (
     ImageGeneration,
     ImageGenerateRequest,
@@ -42,6 +52,7 @@ class Context:
     db: Database
     storage: Storage
     catalog: Catalog  # the models this cluster serves
+    limiter: RateLimiter | None = None
 
 
 def seed_to_int(seed: str) -> int:
@@ -53,10 +64,12 @@ def seed_to_int(seed: str) -> int:
 
 
 def seeds_for(body: ImageGenerateRequest) -> list[int]:
+    """One seed per image: the request's seed (or a random one) for the first, then stepping
+    by `seed_variation` (default 1), so a worker given a batch of consecutive images and the
+    first seed makes exactly these."""
     p = body.params
-    if p.seed is None:
-        return [secrets.randbelow(SEED_SPACE) for _ in range(p.n)]
-    base, step = seed_to_int(p.seed), p.seed_variation or 1
+    base = secrets.randbelow(SEED_SPACE) if p.seed is None else seed_to_int(p.seed)
+    step = p.seed_variation or 1
     return [(base + i * step) % SEED_SPACE for i in range(p.n)]
 
 
@@ -82,22 +95,94 @@ def price(ctx: Context, body: ImageGenerateRequest) -> float:
                       family=_family(ctx, body))
 
 
+def requirement_warnings(ctx: Context, body: ImageGenerateRequest) -> list[dict[str, str]]:
+    """What in the request is outside the requirements of the models it names (the request is
+    still accepted, as on the AI Horde). Codes are horde-sdk's WarningCode values."""
+    p, out = body.params, []
+    for name in body.models:
+        req = ctx.catalog.get(name).requirements
+        checks = [
+            (req.min_steps is not None and p.steps < req.min_steps, "StepsTooFew",
+             f"params.steps: {name} needs at least {req.min_steps} steps"),
+            (req.max_steps is not None and p.steps > req.max_steps, "StepsTooMany",
+             f"params.steps: {name} gives its best with at most {req.max_steps} steps"),
+            (req.min_cfg_scale is not None and p.cfg_scale < req.min_cfg_scale, "CfgScaleTooSmall",
+             f"params.cfg_scale: {name} needs a cfg_scale of at least {req.min_cfg_scale}"),
+            (req.max_cfg_scale is not None and p.cfg_scale > req.max_cfg_scale, "CfgScaleTooLarge",
+             f"params.cfg_scale: {name} needs a cfg_scale of at most {req.max_cfg_scale}"),
+            (req.clip_skip is not None and p.clip_skip != req.clip_skip, "ClipSkipMismatch",
+             f"params.clip_skip: {name} is made for clip_skip {req.clip_skip}"),
+            (req.samplers is not None and p.sampler_name not in req.samplers, "SamplerMismatch",
+             f"params.sampler_name: {name} is made for {', '.join(req.samplers or [])}"),
+        ]
+        out += [{"code": code, "message": message} for bad, code, message in checks if bad]
+    return out
+
+
 def submit(ctx: Context, user: User, body: ImageGenerateRequest, client_agent: str,
-           session) -> Request:
-    kudos = price(ctx, body)
+           requester: str, session) -> tuple[Request, list[dict[str, str]]]:
+    """Validate the request against the user's standing, then write it, its generations and
+    their queue entries. Everything that can refuse it runs before the first write; the caller's
+    transaction rolls back on any error, so a refused request leaves nothing behind."""
+    s, p = ctx.settings, body.params
+    family = _family(ctx, body)
+    warnings = requirement_warnings(ctx, body)
+    kudos = image_cost(width=p.width, height=p.height, steps=p.steps, n=p.n, family=family)
+    anonymous = user.id == ANONYMOUS_USER_ID
+    holds_upfront = not anonymous and user.kudos >= kudos
+    if needs_upfront_kudos(p.width, p.height, p.steps) and not holds_upfront:
+        raise HordeError(403, "KudosUpfront",
+                         f"params: a job over {UPFRONT_PIXELS} pixels or {UPFRONT_STEPS} steps "
+                         f"needs its {kudos} kudos upfront"
+                         + (": register for an API key" if anonymous else
+                            f"; you hold {round(user.kudos, 2)}"))
+    nsfw, censor_nsfw = body.nsfw, body.censor_nsfw
+    if user.education:
+        if nsfw or not censor_nsfw:
+            warnings.append({"code": "EducationSFW", "message":
+                             "nsfw, censor_nsfw: education accounts always get SFW images"})
+        nsfw, censor_nsfw = False, True
+    cap = s.max_waiting_education if user.education else s.max_waiting_per_user
+    active = session.execute(
+        select(func.count()).select_from(
+            select(Generation.id).where(Generation.requester == requester,
+                                        Generation.state.in_(("waiting", "processing")))
+            .limit(cap + 1).subquery())
+    ).scalar_one()
+    if active + p.n > cap:
+        raise HordeError(429, "TooManyPrompts",
+                         f"params.n: {active} of your images are already queued and you may "
+                         f"have at most {cap}; wait for some to finish")
+    if body.workers:
+        known = set(session.execute(select(Worker.id).where(Worker.id.in_(body.workers))).scalars())
+        unknown = [w for w in body.workers if w not in known]
+        if unknown:
+            raise HordeError(400, "WorkerNotFound", f"workers: no worker with id {unknown[0]}")
     positive, negative = body.split_prompt()
+    now = time.time()
     req = Request(
         id=str(uuid.uuid4()), kind="image", user_id=user.id, prompt=positive,
-        negative_prompt=negative, params=body.params.model_dump(mode="json"),
-        models=list(body.models), n=body.params.n, r2=body.r2, nsfw=body.nsfw,
-        censor_nsfw=body.censor_nsfw, shared=body.shared, kudos=kudos, cancelled=False,
-        client_agent=client_agent[:200], created_at=time.time(),
+        negative_prompt=negative, params=p.model_dump(mode="json"), models=list(body.models),
+        n=p.n, r2=body.r2, nsfw=nsfw, censor_nsfw=censor_nsfw, shared=body.shared, kudos=kudos,
+        cancelled=False, client_agent=client_agent, created_at=now, requester=requester,
+        workers=list(body.workers), worker_blacklist=body.worker_blacklist,
+        trusted_workers=body.trusted_workers, slow_workers=body.slow_workers,
+        extra_slow_workers=body.extra_slow_workers,
     )
     session.add(req)
     session.flush()
-    queue.enqueue(session, req, seeds_for(body), list(body.models), priority=user.kudos,
-                  aging_per_second=ctx.settings.aging_per_second)
-    return req
+    head_start = head_start_seconds(user.kudos, anonymous, s.seconds_per_kudos_decade,
+                                    s.anonymous_penalty_seconds)
+    filters = queue.EntryFilters(
+        user_id=user.id, steps=p.steps, nsfw=nsfw, trusted_only=body.trusted_workers,
+        slow_ok=body.slow_workers, extra_slow_ok=body.extra_slow_workers, upfront=holds_upfront,
+        target_mode=(2 if body.worker_blacklist else 1) if body.workers else 0,
+        target_workers=tuple(body.workers),
+    )
+    tax = REQUEST_TAX / p.n
+    queue.enqueue(session, req, seeds_for(body), list(body.models), sort_key=now - head_start,
+                  filters=filters, reward=(kudos - REQUEST_TAX) / p.n, tax=tax)
+    return req, warnings
 
 
 def _load_request(session, request_id: str, kind: str = "image") -> Request:

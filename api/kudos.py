@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from models.catalog import Family
 
 _FAMILY_MULTIPLIER = {
@@ -36,3 +38,26 @@ def image_cost(
     if source_image:
         per_image *= 1.3
     return round(per_image * n + REQUEST_TAX, 2)
+
+
+# Jobs at least this large need their kudos upfront (shared/horde-facts.md), so anonymous
+# users (who never hold any) cannot queue expensive work.
+UPFRONT_PIXELS = 1024 * 1024
+UPFRONT_STEPS = 50
+
+
+def needs_upfront_kudos(width: int, height: int, steps: int) -> bool:
+    return width * height > UPFRONT_PIXELS or steps > UPFRONT_STEPS
+
+
+def head_start_seconds(kudos: float, anonymous: bool, seconds_per_decade: float,
+                       anonymous_penalty: float) -> float:
+    """A request's place in the queue, as seconds of waiting it is credited with at submit
+    (the queue orders by submit time minus this; waiting raises everyone alike, so nothing
+    starves). Kudos count on a log scale: each tenfold of the balance is worth
+    `seconds_per_decade`, a negative balance costs the same way, and the anonymous user (whose
+    shared balance means nothing) always starts `anonymous_penalty` seconds behind."""
+    if anonymous:
+        return -anonymous_penalty
+    magnitude = seconds_per_decade * math.log10(1 + abs(kudos))
+    return max(magnitude if kudos >= 0 else -magnitude, -anonymous_penalty)

@@ -8,6 +8,7 @@ request asks for them, rather than being silently ignored.
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -99,6 +100,16 @@ class ImageGenerateRequest(_In):
     webhook: str | None = None
     style: str | None = None
 
+    @field_validator("workers")
+    @classmethod
+    def _worker_ids(cls, v: list[str]) -> list[str]:
+        for w in v:
+            try:
+                uuid.UUID(w)
+            except ValueError:
+                raise ValueError(f"{w!r} is not a worker id") from None
+        return [str(uuid.UUID(w)) for w in v]
+
     @model_validator(mode="after")
     def _reject_unsupported(self) -> "ImageGenerateRequest":
         for name, neutral in NOT_YET_SUPPORTED_PARAMS.items():
@@ -158,7 +169,7 @@ class ImageGeneration(BaseModel):
     worker_id: str
     worker_name: str
     model: str
-    state: Literal["ok", "censored", "faulted"]
+    state: Literal["ok", "censored", "faulted", "csam"]
     img: str
     seed: str
     id: str

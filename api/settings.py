@@ -26,15 +26,39 @@ class Settings(BaseSettings):
     catalog_path: str = "configs/models.yaml"
     # The models this cluster serves; empty means every model of the catalog.
     served_models: list[str] = Field(default_factory=list)
-    # Salt mixed into API key hashes; set a secret one in production.
+    # Salt mixed into API key hashes; set a secret one in production. It also signs the
+    # upload URLs that local storage hands to HTTP workers.
     key_salt: str = "rayhorde-default-salt"
     max_body_bytes: int = 16 * 1024 * 1024
     # A generation that fails this many times ends `faulted`.
     max_attempts: int = 3
-    # Priority points a waiting request gains per second, so nothing starves.
-    aging_per_second: float = 1.0
-    # Images one user may have waiting at once.
+
+    # Queue order (api/kudos.py head_start_seconds): seconds of head start per tenfold of a
+    # requester's kudos, and how far behind everyone the anonymous user starts.
+    seconds_per_kudos_decade: float = 60.0
+    anonymous_penalty_seconds: float = 600.0
+    # Images one requester may have waiting or in progress at once (anonymous users count per
+    # client address); the education role gets the higher cap.
     max_waiting_per_user: int = 30
+    max_waiting_education: int = 100
+    # Client addresses are taken from X-Forwarded-For only when the connection comes from one
+    # of these (the ingress proxy).
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+
+    # Workers.
+    stale_worker_seconds: float = 300.0  # offline after this long without a pop
+    slow_worker_mps: float = 0.3  # megapixelsteps per second below which a worker is slow
+    max_consecutive_drops: int = 5  # expired jobs in a row before maintenance
+    uptime_bonus_kudos: float = 50.0  # earned by a worker's owner ...
+    uptime_bonus_seconds: float = 600.0  # ... per this much time online
+    expire_every_seconds: float = 5.0  # how often expired claims are swept back
+
+    # Rate limits per API key and per client address (limits' syntax, e.g. "60/minute");
+    # "memory://" counts per API replica, "redis://host:port" across all of them.
+    rate_limit_storage: str = "memory://"
+    rate_limit_submit: str = "60/minute"
+    rate_limit_poll: str = "600/minute"  # check and status
+    rate_limit_pop: str = "300/minute"
 
 
 @lru_cache

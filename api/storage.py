@@ -3,9 +3,12 @@ boto3 (any S3-compatible endpoint, presigned GET URLs)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -23,14 +26,27 @@ def check_key(key: str) -> str:
 class Storage(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
     def get(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def delete(self, key: str) -> None: ...
     def url(self, key: str) -> str: ...
+    def upload_url(self, key: str, ttl: int) -> str:
+        """A URL an HTTP worker can PUT the object's bytes to, valid for `ttl` seconds."""
+        ...
+
+
+def upload_signature(secret: str, key: str, expires: int) -> str:
+    return hmac.new(secret.encode(), f"PUT:{key}:{expires}".encode(), hashlib.sha256).hexdigest()
 
 
 class LocalStorage:
-    def __init__(self, root: str | Path, public_url: str):
+    """A folder. The API serves its objects (GET /api/v2/objects/KEY) and takes uploads to
+    them on URLs signed with `secret` (PUT /api/v2/objects/KEY?expires=..&signature=..)."""
+
+    def __init__(self, root: str | Path, public_url: str, secret: str = "rayhorde-default-salt"):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.public_url = public_url.rstrip("/")
+        self.secret = secret
 
     def path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -47,8 +63,23 @@ class LocalStorage:
     def get(self, key: str) -> bytes:
         return self.path(key).read_bytes()
 
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
     def url(self, key: str) -> str:
         return f"{self.public_url}/api/v2/objects/{check_key(key)}"
+
+    def upload_url(self, key: str, ttl: int) -> str:
+        expires = int(time.time()) + ttl
+        sig = upload_signature(self.secret, check_key(key), expires)
+        return f"{self.url(key)}?expires={expires}&signature={sig}"
+
+    def upload_allowed(self, key: str, expires: int, signature: str) -> bool:
+        good = upload_signature(self.secret, check_key(key), expires)
+        return expires >= time.time() and hmac.compare_digest(good, signature)
 
 
 class S3Storage:
@@ -72,6 +103,25 @@ class S3Storage:
     def get(self, key: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=check_key(key))["Body"].read()
 
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=check_key(key))
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=check_key(key))
+
+    def upload_url(self, key: str, ttl: int) -> str:
+        return self.client.generate_presigned_url(
+            "put_object", Params={"Bucket": self.bucket, "Key": check_key(key)}, ExpiresIn=ttl,
+        )
+
     def url(self, key: str) -> str:
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": check_key(key)},
@@ -84,4 +134,4 @@ def make_storage(settings: Settings) -> Storage:
         return S3Storage(
             settings.s3_bucket, settings.s3_endpoint_url, settings.s3_region, settings.s3_url_ttl
         )
-    return LocalStorage(settings.storage_dir, settings.public_url)
+    return LocalStorage(settings.storage_dir, settings.public_url, settings.key_salt)

@@ -27,7 +27,7 @@ import httpx  # noqa: E402
 from api.db import queue  # noqa: E402
 from api.db.session import Database  # noqa: E402
 from api.storage import LocalStorage  # noqa: E402
-from bench_common import pct, reset_database  # noqa: E402
+from bench_common import UNLIMITED, pct, reset_database  # noqa: E402
 from serve_harness import running_cluster  # noqa: E402
 
 API = "http://127.0.0.1:8000/api/v2"
@@ -72,7 +72,7 @@ def finished_request(db: Database, storage_dir: Path, n: int = 4) -> str:
             key = f"images/{j.request_id}/{j.generation_id}.webp"
             store.put(key, b"RIFF" + b"\0" * 20_000, "image/webp")
             results.append(queue.Result(j.generation_id, j.claim_id, key, j.seed,
-                                        "bench-worker", "bench worker"))
+                                        "bench-worker", "bench worker", owner_id=0))
         queue.finish(db, results)
     return rid
 
@@ -85,7 +85,8 @@ def main() -> None:
     reset_database(args.url)
     workdir = Path(tempfile.mkdtemp(prefix="rayhorde-bench-"))
     rows = []
-    with running_cluster(workdir, database_url=args.url, dispatch=False) as cluster:
+    with running_cluster(workdir, database_url=args.url, dispatch=False,
+                         settings=UNLIMITED) as cluster:
         db = cluster["db"]
         done_id = finished_request(db, workdir / "objects")
         waiting_id = httpx.post(f"{API}/generate/async", json=BODY, headers=HEADERS).json()["id"]

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import time
+
 from sqlalchemy import text
 
+from api.db import queue
 from api.db.migrate import upgrade
-from api.db.models import Base
+from api.db.models import Base, Request
 from api.db.session import Database
+
+PARAMS = {"width": 512, "height": 512, "steps": 30, "cfg_scale": 5, "sampler_name": "k_euler",
+          "karras": True, "clip_skip": 1, "tiling": False, "hires_fix": False,
+          "post_processing": []}
+# Benchmarks measure the API, not its limits: no rate limits, no per-requester cap.
+UNLIMITED = {"rate_limit_submit": "1000000/minute", "rate_limit_poll": "1000000/minute",
+             "rate_limit_pop": "1000000/minute", "max_waiting_per_user": 10**9}
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -22,3 +32,24 @@ def reset_database(url: str) -> Database:
         Base.metadata.drop_all(conn)
     upgrade(db)
     return db
+
+
+def fill(db: Database, waiting: int, model: str = "tiny-sd15", batch: int = 5000) -> None:
+    """`waiting` generations in requests of 20 (anonymous, consecutive seeds), head starts
+    spread over a few minutes as real kudos balances spread them."""
+    made = 0
+    while made < waiting:
+        with db.write() as s:
+            for _ in range(max(1, min(batch, waiting - made) // 20)):
+                n = min(20, waiting - made)
+                now = time.time()
+                req = Request(kind="image", user_id=0, prompt="p", n=n, models=[model],
+                              params=PARAMS, kudos=n + 1.0, created_at=now, requester="u:0")
+                s.add(req)
+                s.flush()
+                queue.enqueue(s, req, list(range(n)), [model], sort_key=now - made % 97,
+                              filters=queue.EntryFilters(user_id=0, steps=PARAMS["steps"]),
+                              reward=1.0, tax=1.0 / n)
+                made += n
+                if made >= waiting:
+                    break

@@ -19,35 +19,12 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 from sqlalchemy import text  # noqa: E402
 
 from api.db import queue  # noqa: E402
-from api.db.models import Request  # noqa: E402
 from api.db.session import Database  # noqa: E402
 from api.images import Context, check  # noqa: E402
 from api.settings import Settings  # noqa: E402
 from api.storage import LocalStorage  # noqa: E402
-from bench_common import pct, reset_database  # noqa: E402
+from bench_common import fill, pct, reset_database  # noqa: E402
 from models.catalog import load_catalog  # noqa: E402
-
-PARAMS = {"width": 512, "height": 512, "steps": 30, "cfg_scale": 5, "sampler_name": "k_euler",
-          "karras": True, "clip_skip": 1, "tiling": False}
-
-
-def fill(db: Database, waiting: int, batch: int = 5000) -> None:
-    """`waiting` generations in requests of 20, priorities spread like real kudos."""
-    made = 0
-    while made < waiting:
-        with db.write() as s:
-            for _ in range(min(batch, waiting - made) // 20 or 1):
-                n = min(20, waiting - made)
-                req = Request(kind="image", user_id=0, prompt="p", n=n, models=["tiny-sd15"],
-                              params=PARAMS, kudos=1)
-                s.add(req)
-                s.flush()
-                queue.enqueue(s, req, list(range(n)), ["tiny-sd15"], priority=made % 97,
-                              aging_per_second=1.0)
-                made += n
-                if made >= waiting:
-                    break
-
 
 def last_request(db: Database) -> str:
     with db.read() as s:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ray import serve
 
+from api import ledger
 from api.db import queue
 from api.db.models import Worker
 from api.db.session import get_database
@@ -27,8 +28,14 @@ from api.storage import make_storage
 
 log = logging.getLogger("ray.serve")
 
-CLUSTER_WORKER_NAME = "rayhorde-cluster"
-CLUSTER_WORKER_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "rayhorde:" + CLUSTER_WORKER_NAME))
+REPLICA_COUNT_SECONDS = 10.0
+
+
+def cluster_worker(family: str) -> tuple[str, str]:
+    """(id, name) of the worker record that stands for the cluster's own deployment of a
+    family: stable across restarts, so its claims and counters carry over."""
+    name = f"rayhorde-cluster/{family}"
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "rayhorde:" + name)), name
 
 
 @dataclass
@@ -36,6 +43,8 @@ class FamilyRoute:
     handle: object  # DeploymentHandle of the family's deployment
     models: list[str]
     max_in_flight: int
+    worker_id: str
+    worker_name: str
     in_flight: int = 0
 
 
@@ -58,14 +67,26 @@ def batches(jobs: list[queue.ClaimedJob]) -> list[list[queue.ClaimedJob]]:
     return list(grouped.values())
 
 
-def register_cluster_worker(db, models: list[str]) -> None:
+def register_cluster_workers(db, routes: dict[str, FamilyRoute], replicas: dict[str, int]) -> int:
+    """Create or refresh the cluster's worker records (owned by the horde's account, trusted,
+    online while the dispatcher runs, `threads` = running replicas). Returns the owner id."""
+    now = time.time()
     with db.write() as session:
-        worker = session.get(Worker, CLUSTER_WORKER_ID)
-        if worker is None:
-            session.add(Worker(id=CLUSTER_WORKER_ID, name=CLUSTER_WORKER_NAME, owner_id=0,
-                               kind="cluster", models=models, last_seen=time.time()))
-        else:
-            worker.models, worker.last_seen = models, time.time()
+        owner = ledger.horde_account_id(session)
+        for family, route in routes.items():
+            worker = session.get(Worker, route.worker_id)
+            if worker is None:
+                worker = Worker(id=route.worker_id, name=route.worker_name, owner_id=owner,
+                                kind="cluster", type="image", created_at=now, last_bonus_at=now,
+                                bridge_agent="rayhorde dispatcher", nsfw=True,
+                                max_pixels=3072 * 3072)
+                session.add(worker)
+            online = now - worker.last_seen < 60 if worker.last_seen else False
+            worker.uptime_seconds = (worker.uptime_seconds or 0.0) + (
+                now - worker.last_seen if online else 0.0)
+            worker.models, worker.last_seen = route.models, now
+            worker.threads = replicas.get(family, worker.threads or 1)
+    return owner
 
 
 @serve.deployment(name="dispatcher", num_replicas=1, max_ongoing_requests=1000,
@@ -78,19 +99,21 @@ class Dispatcher:
         self.storage = make_storage(self.settings)
         self.routes = {
             name: FamilyRoute(handle=f["handle"], models=list(f["models"]),
-                              max_in_flight=int(f.get("max_in_flight", 4)))
+                              max_in_flight=int(f.get("max_in_flight", 4)),
+                              worker_id=cluster_worker(name)[0], worker_name=cluster_worker(name)[1])
             for name, f in families.items()
         }
         self.poll_seconds, self.expire_seconds = poll_seconds, expire_seconds
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self.completed = 0
-        register_cluster_worker(self.db, [m for r in self.routes.values() for m in r.models])
+        self.owner_id = register_cluster_workers(self.db, self.routes, {})
         # Whatever a previous dispatcher had in flight died with it: hand it back now rather
         # than waiting for the deadlines.
-        returned = queue.expire(self.db, self.settings.max_attempts, worker_id=CLUSTER_WORKER_ID)
-        if returned:
-            log.info("returned %d generations held by a previous dispatcher", returned)
+        for route in self.routes.values():
+            returned = queue.expire(self.db, self.settings.max_attempts, worker_id=route.worker_id)
+            if returned:
+                log.info("returned %d generations held by a previous dispatcher", returned)
         self._loop = asyncio.get_event_loop().create_task(self._run_forever())
 
     async def wake(self) -> None:
@@ -106,12 +129,17 @@ class Dispatcher:
             raise RuntimeError(f"dispatch loop ended: {self._loop.exception()!r}")
 
     async def _run_forever(self) -> None:
-        last_expire = 0.0
+        last_expire = last_refresh = 0.0
         while True:
             try:
                 if time.monotonic() - last_expire > self.expire_seconds:
                     last_expire = time.monotonic()
-                    await asyncio.to_thread(queue.expire, self.db, self.settings.max_attempts)
+                    await asyncio.to_thread(queue.expire, self.db, self.settings.max_attempts,
+                                            max_consecutive_drops=self.settings.max_consecutive_drops)
+                if time.monotonic() - last_refresh > REPLICA_COUNT_SECONDS:
+                    last_refresh = time.monotonic()
+                    replicas = await asyncio.to_thread(self._replica_counts)
+                    await asyncio.to_thread(register_cluster_workers, self.db, self.routes, replicas)
                 await self._dispatch()
             except Exception:
                 log.exception("dispatch round failed; retrying")
@@ -126,7 +154,7 @@ class Dispatcher:
             room = route.max_in_flight - route.in_flight
             if room <= 0:
                 continue
-            caps = queue.Capabilities(worker_id=CLUSTER_WORKER_ID, models=route.models)
+            caps = queue.Capabilities(worker_id=route.worker_id, models=route.models, trusted=True)
             jobs = await asyncio.to_thread(queue.claim, self.db, caps, room)
             for batch in batches(jobs):
                 route.in_flight += len(batch)
@@ -140,7 +168,7 @@ class Dispatcher:
             result = await route.handle.options(
                 multiplexed_model_id=batch[0].model
             ).generate.remote(job_payload(batch))
-            await asyncio.to_thread(self._store, batch, result)
+            await asyncio.to_thread(self._store, route, batch, result)
             self.completed += len(batch)
         except Exception as exc:  # a dead replica, a failed load, a bad input: try again
             log.warning("generation failed (%s); returning %d to the queue", exc, len(batch))
@@ -151,14 +179,29 @@ class Dispatcher:
             route.in_flight -= len(batch)
             self._wake.set()
 
-    def _store(self, batch: list[queue.ClaimedJob], result: dict) -> None:
+    def _replica_counts(self) -> dict[str, int]:
+        """Running replicas of each family's deployment, from the Serve controller."""
+        try:
+            apps = serve.status().applications
+        except Exception:
+            log.warning("could not read replica counts from Serve", exc_info=True)
+            return {}
+        counts = {}
+        for family, route in self.routes.items():
+            for app in apps.values():
+                dep = app.deployments.get(route.handle.deployment_name)
+                if dep is not None:
+                    counts[family] = dep.replica_states.get("RUNNING", 0)
+        return counts
+
+    def _store(self, route: FamilyRoute, batch: list[queue.ClaimedJob], result: dict) -> None:
         results = []
         for job, image, seed in zip(batch, result["images"], result["seeds"], strict=True):
             key = f"images/{job.request_id}/{job.generation_id}.webp"
             self.storage.put(key, image, "image/webp")
             results.append(queue.Result(
                 generation_id=job.generation_id, claim_id=job.claim_id, storage_key=key,
-                seed=seed, worker_id=CLUSTER_WORKER_ID, worker_name=CLUSTER_WORKER_NAME,
-                gen_metadata=[],
+                seed=seed, worker_id=route.worker_id, worker_name=route.worker_name,
+                owner_id=self.owner_id, gen_metadata=[],
             ))
         queue.finish(self.db, results)

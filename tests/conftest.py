@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import event, text
 
-from api.app import create_app
+from api.app import create_app, make_limiter
 from api.db.migrate import upgrade
 from api.db.models import Base
 from api.db.session import Database
@@ -52,19 +53,29 @@ def sqlite_db(tmp_path):
     database.dispose()
 
 
+# Tests make many calls quickly; the rate limit tests set their own limits.
+NO_RATE_LIMITS = {"rate_limit_submit": "100000/minute", "rate_limit_poll": "100000/minute",
+                  "rate_limit_pop": "100000/minute"}
+
+
 def make_settings(db: Database, tmp_path, **overrides) -> Settings:
-    return Settings(database_url=db.url, storage_dir=str(tmp_path / "objects"),
-                    catalog_path=os.path.join(ROOT, "configs", "models.yaml"),
-                    served_models=TINY_MODELS, **overrides)
+    return Settings(**{"database_url": db.url, "storage_dir": str(tmp_path / "objects"),
+                       "catalog_path": os.path.join(ROOT, "configs", "models.yaml"),
+                       "served_models": TINY_MODELS, **NO_RATE_LIMITS, **overrides})
+
+
+def make_ctx(db: Database, tmp_path, **overrides) -> Context:
+    settings = make_settings(db, tmp_path, **overrides)
+    catalog = load_catalog(settings.catalog_path).select(settings.served_models)
+    return Context(settings=settings, db=db,
+                   storage=LocalStorage(settings.storage_dir, settings.public_url,
+                                        settings.key_salt),
+                   catalog=catalog, limiter=make_limiter(settings))
 
 
 @pytest.fixture
 def ctx(db, tmp_path) -> Context:
-    settings = make_settings(db, tmp_path)
-    catalog = load_catalog(settings.catalog_path).select(TINY_MODELS)
-    return Context(settings=settings, db=db,
-                   storage=LocalStorage(settings.storage_dir, settings.public_url),
-                   catalog=catalog)
+    return make_ctx(db, tmp_path)
 
 
 @pytest.fixture
@@ -97,3 +108,28 @@ def count_statements(db: Database):
         yield counter
     finally:
         event.remove(db.engine, "before_cursor_execute", counter)
+
+
+def add_request(db: Database, *, n=1, models=("tiny-sd15",), priority=0.0, created=None, steps=10,
+                width=512, height=512, user_id=0, kudos=None, prompt="p", filters=None,
+                seeds=None) -> str:
+    """Queue a request straight through api.db.queue (no HTTP, no pricing rules): `priority`
+    is its head start in seconds, `filters` any queue.EntryFilters fields. Returns its id."""
+    from api.db import queue
+    from api.db.models import Request
+
+    created = time.time() if created is None else created
+    kudos = float(n + 1) if kudos is None else kudos
+    with db.write() as s:
+        req = Request(kind="image", user_id=user_id, prompt=prompt, negative_prompt="", n=n,
+                      params={"width": width, "height": height, "steps": steps, "cfg_scale": 5,
+                              "sampler_name": "k_euler", "karras": True, "clip_skip": 1,
+                              "tiling": False, "hires_fix": False, "post_processing": []},
+                      models=list(models), kudos=kudos, created_at=created,
+                      requester=f"u:{user_id}")
+        s.add(req)
+        s.flush()
+        queue.enqueue(s, req, list(seeds or range(n)), list(models), sort_key=created - priority,
+                      filters=queue.EntryFilters(user_id=user_id, steps=steps, **(filters or {})),
+                      reward=(kudos - 1) / n, tax=1 / n)
+        return req.id

@@ -31,6 +31,9 @@ class Base(DeclarativeBase):
     pass
 
 
+ROLES = ("trusted", "moderator", "flagged", "education", "customizer", "service")
+
+
 class User(Base):
     __tablename__ = "users"
 
@@ -38,22 +41,85 @@ class User(Base):
     username: Mapped[str] = mapped_column(String(100))
     # Salted SHA-256 of the API key; the key itself is never stored.
     api_key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # The sum of this user's rows in `kudos_ledger`, kept in step with it in the same
+    # transaction (api/ledger.py); the horde's own account is the exception (see there).
     kudos: Mapped[float] = mapped_column(Double, default=0.0)
+    created_at: Mapped[float] = mapped_column(Double, default=time.time)
+    # Roles (shared/horde-facts.md): trusted users' workers are trusted workers; moderators
+    # administer users and workers; flagged users cannot transfer kudos; education forces SFW
+    # and raises the concurrency cap; customizers' workers may serve models outside the
+    # catalog; service accounts are other services' proxies.
+    trusted: Mapped[bool] = mapped_column(Boolean, default=False)
+    moderator: Mapped[bool] = mapped_column(Boolean, default=False)
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False)
+    education: Mapped[bool] = mapped_column(Boolean, default=False)
+    customizer: Mapped[bool] = mapped_column(Boolean, default=False)
+    service: Mapped[bool] = mapped_column(Boolean, default=False)
+    contact: Mapped[str | None] = mapped_column(String(500), nullable=True)
+
+
+class KudosEntry(Base):
+    """One side of a kudos movement. Every movement (`txn_id`) is two or more rows that sum to
+    zero: money only moves between accounts, the horde's own account included (it mints
+    awards and uptime bonuses and collects the request tax). Rows are never updated."""
+
+    __tablename__ = "kudos_ledger"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    txn_id: Mapped[str] = mapped_column(String(36), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    amount: Mapped[float] = mapped_column(Double)
+    # generation (requester pays), reward (worker owner earns), tax, transfer, uptime, award
+    kind: Mapped[str] = mapped_column(String(16))
+    ref: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    created_at: Mapped[float] = mapped_column(Double, default=time.time)
+
+
+class IdempotencyKey(Base):
+    """The answer given to a request sent with an `Idempotency-Key` header, so a retry of it
+    gets the same answer instead of doing the work again."""
+
+    __tablename__ = "idempotency_keys"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    response: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Double, default=time.time)
 
 
 class Worker(Base):
-    """Something that generates: the cluster's own deployments, and (later) HTTP volunteers."""
+    """Something that generates: the cluster's own family deployments (kind "cluster"), HTTP
+    volunteers (kind "http", through /generate/pop) and Ray-joined volunteer nodes."""
 
     __tablename__ = "workers"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(100), unique=True)
-    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
-    kind: Mapped[str] = mapped_column(String(16))  # "cluster" | "http"
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "cluster" | "http" | "node"
+    type: Mapped[str] = mapped_column(String(8), default="image")  # "image" | "text"
     models: Mapped[list] = mapped_column(JSON, default=list)
     last_seen: Mapped[float] = mapped_column(Double, default=time.time)
     created_at: Mapped[float] = mapped_column(Double, default=time.time)
+    # What it declared at its last pop.
+    max_pixels: Mapped[int] = mapped_column(BigInteger, default=512 * 512)
+    nsfw: Mapped[bool] = mapped_column(Boolean, default=False)
+    threads: Mapped[int] = mapped_column(Integer, default=1)
+    bridge_agent: Mapped[str] = mapped_column(String(200), default="")
+    capabilities: Mapped[dict] = mapped_column(JSON, default=dict)
+    info: Mapped[str | None] = mapped_column(String(1000), nullable=True)
+    maintenance: Mapped[bool] = mapped_column(Boolean, default=False)
+    maintenance_msg: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    # Counters (lifetime); consecutive_drops puts a worker into maintenance when it keeps
+    # losing jobs, and is reset by every successful submit.
+    jobs_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    megapixelsteps_done: Mapped[float] = mapped_column(Double, default=0.0)
+    kudos_earned: Mapped[float] = mapped_column(Double, default=0.0)
+    seconds_working: Mapped[float] = mapped_column(Double, default=0.0)
+    dropped_jobs: Mapped[int] = mapped_column(BigInteger, default=0)
+    consecutive_drops: Mapped[int] = mapped_column(Integer, default=0)
+    uptime_seconds: Mapped[float] = mapped_column(Double, default=0.0)
+    last_bonus_at: Mapped[float] = mapped_column(Double, default=time.time)
 
 
 class Request(Base):
@@ -78,6 +144,15 @@ class Request(Base):
     cancelled: Mapped[bool] = mapped_column(Boolean, default=False)
     client_agent: Mapped[str] = mapped_column(String(200), default="unknown:0:unknown")
     created_at: Mapped[float] = mapped_column(Double, default=time.time)
+    # Who waits on it for the concurrency cap: "u:<user id>", or for the anonymous user
+    # "ip:<hash of the client address>" (anonymous requesters share one account).
+    requester: Mapped[str] = mapped_column(String(64), default="")
+    # Request-side worker choice (shared/horde-facts.md).
+    workers: Mapped[list] = mapped_column(JSON, default=list)
+    worker_blacklist: Mapped[bool] = mapped_column(Boolean, default=False)
+    trusted_workers: Mapped[bool] = mapped_column(Boolean, default=False)
+    slow_workers: Mapped[bool] = mapped_column(Boolean, default=True)
+    extra_slow_workers: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Generation(Base):
@@ -107,8 +182,17 @@ class Generation(Base):
     censored: Mapped[bool] = mapped_column(Boolean, default=False)
     gen_metadata: Mapped[list] = mapped_column(JSON, default=list)
     fault_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    requester: Mapped[str] = mapped_column(String(64), default="")  # as Request.requester
+    user_id: Mapped[int] = mapped_column(Integer, default=0)  # who pays
+    # Kudos the worker's owner earns for it; when it finishes, the requester pays that plus
+    # `tax`, its share of the request tax (api/ledger.py).
+    kudos: Mapped[float] = mapped_column(Double, default=0.0)
+    tax: Mapped[float] = mapped_column(Double, default=0.0)
+    megapixelsteps: Mapped[float] = mapped_column(Double, default=0.0)
 
-    __table_args__ = (Index("ix_generations_state_deadline", "state", "deadline"),)
+    __table_args__ = (Index("ix_generations_state_deadline", "state", "deadline"),
+                      Index("ix_generations_requester_state", "requester", "state"),
+                      Index("ix_generations_finished_at", "finished_at"))
 
 
 class QueueEntry(Base):
@@ -126,13 +210,28 @@ class QueueEntry(Base):
     generation_id: Mapped[str] = mapped_column(ForeignKey("generations.id"), index=True)
     model: Mapped[str] = mapped_column(String(200))
     sort_key: Mapped[float] = mapped_column(Double)
-    # Filters a worker's capabilities are checked against without reading the request.
+    # Filters a worker's capabilities are checked against without reading the request
+    # (api/db/queue.py, `_fits`).
     pixels: Mapped[int] = mapped_column(BigInteger)
     megapixelsteps: Mapped[float] = mapped_column(Double)
+    steps: Mapped[int] = mapped_column(Integer, default=0)
+    user_id: Mapped[int] = mapped_column(Integer, default=0)
+    nsfw: Mapped[bool] = mapped_column(Boolean, default=False)
+    trusted_only: Mapped[bool] = mapped_column(Boolean, default=False)
+    slow_ok: Mapped[bool] = mapped_column(Boolean, default=True)
+    extra_slow_ok: Mapped[bool] = mapped_column(Boolean, default=False)
+    upfront: Mapped[bool] = mapped_column(Boolean, default=False)
+    # What the request needs of a worker (queue.Feature bits: source image, painting, ...).
+    features: Mapped[int] = mapped_column(Integer, default=0)
+    # Request-side worker choice: 0 any worker, 1 only those in `target_workers`, 2 all but
+    # those (comma-joined worker ids; UUIDs, so a substring match is an exact one).
+    target_mode: Mapped[int] = mapped_column(Integer, default=0)
+    target_workers: Mapped[str] = mapped_column(String(200), default="")
 
     __table_args__ = (
         Index("ix_queue_claim", "model", "sort_key", "id"),
         Index("ix_queue_sort", "sort_key", "id"),
+        Index("ix_queue_user", "user_id", "sort_key"),
     )
 
 

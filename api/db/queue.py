@@ -1,8 +1,11 @@
 """The work queue: enqueue, the one claim query, release, finish (compare-and-set), expiry.
 
 The in-cluster dispatcher and `/generate/pop` both claim through `claim()`, so every worker
-shares one priority-ordered queue. Each call is a fixed number of statements that read through
-the `ix_queue_claim` index: the cost does not grow with the number of waiting generations.
+shares one priority-ordered queue. The rules that decide whether a worker may take a queued
+generation are written once, as SQL conditions (`_rules`): `claim()` requires all of them,
+and an empty pop's `skipped` counts which rule stopped each of the first waiting generations.
+Each call is a fixed number of statements that read through the queue's indexes: the cost does
+not grow with the number of waiting generations.
 """
 
 from __future__ import annotations
@@ -10,33 +13,66 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
+from enum import IntFlag
 
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import and_, bindparam, case, delete, func, literal, not_, or_, select, true, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from api.db.models import Generation, ModelStat, QueueEntry, Request
+from api import ledger
+from api.db.models import Generation, ModelStat, QueueEntry, Request, Worker
 from api.db.session import Database
 
 ANY_MODEL = "*"
 G = Generation.__table__
 Q = QueueEntry.__table__
+R = Request.__table__
+W = Worker.__table__
+SKIPPED_SAMPLE = 100  # waiting generations an empty pop looks at to fill `skipped`
 
 
-def job_ttl(width: int, height: int, steps: int, controlnet: bool = False) -> float:
+class Feature(IntFlag):
+    """What a request needs of a worker beyond a model (the pop's `allow_*` flags)."""
+
+    SOURCE_IMAGE = 1
+    PAINTING = 2
+    POST_PROCESSING = 4
+    CONTROLNET = 8
+    SDXL_CONTROLNET = 16
+    LORA = 32
+
+
+ALL_FEATURES = int(sum(Feature))
+# The name each missing feature is counted under in a pop's `skipped`.
+FEATURE_SKIP_REASON = {Feature.SOURCE_IMAGE: "img2img", Feature.PAINTING: "painting",
+                       Feature.POST_PROCESSING: "post-processing",
+                       Feature.CONTROLNET: "controlnet", Feature.SDXL_CONTROLNET: "controlnet",
+                       Feature.LORA: "lora"}
+
+
+def job_ttl(width: int, height: int, steps: int, controlnet: bool = False) -> int:
     """Seconds a claimed job may take before it returns to the queue (the AI Horde's rule)."""
     ttl = max(150.0, 30 + steps * 2 * (width * height / 512**2))
-    return ttl * 2 if controlnet else ttl
+    return int(ttl * 2 if controlnet else ttl)
 
 
 @dataclass
 class Capabilities:
-    """What a claimer can run. `models` in order of preference: a request that names no model
-    runs on the first."""
+    """What a claimer can and will run. `models` in order of preference: a request that names
+    no model runs on the first."""
 
     worker_id: str
     models: list[str]
     max_pixels: int = 3072 * 3072
+    nsfw: bool = True
+    trusted: bool = False
+    slow: bool = False  # measured slower than the `slow_workers: false` requests accept
+    extra_slow: bool = False  # declared extra slow: only requests that opt in
+    require_upfront_kudos: bool = False
+    max_steps: int | None = None
+    features: int = ALL_FEATURES
+    blacklist: tuple[str, ...] = ()  # words that make it skip a prompt
+    priority_user_ids: tuple[int, ...] = ()  # served first, whatever their place
 
 
 @dataclass
@@ -51,89 +87,151 @@ class ClaimedJob:
     negative_prompt: str
     params: dict
     deadline: float
+    ttl: int
     attempts: int
-    extra: dict = field(default_factory=dict)
+    kudos: float
+    user_id: int
+    nsfw: bool
+    censor_nsfw: bool
+    r2: bool
+    shared: bool
 
 
-def enqueue(session, request: Request, seeds: list[int], models: list[str], priority: float,
-            aging_per_second: float) -> list[str]:
+@dataclass
+class EntryFilters:
+    """A request's answers to the rules, written on each of its queue entries."""
+
+    user_id: int
+    steps: int
+    nsfw: bool = False
+    trusted_only: bool = False
+    slow_ok: bool = True
+    extra_slow_ok: bool = False
+    upfront: bool = False
+    features: int = 0
+    target_mode: int = 0  # 0 any worker, 1 only `target_workers`, 2 all but them
+    target_workers: tuple[str, ...] = ()
+
+
+def enqueue(session, request: Request, seeds: list[int], models: list[str], sort_key: float,
+            filters: EntryFilters, reward: float, tax: float) -> list[str]:
     """Insert the generations of a new request and their queue entries: two statements
-    whatever `n` and the number of models."""
-    now = request.created_at
+    whatever `n` and the number of models. `reward` and `tax` are per generation."""
     gen_ids = [str(uuid.uuid4()) for _ in seeds]
-    session.execute(
-        G.insert(),
-        [
-            {"id": gid, "request_id": request.id, "position": i, "state": "waiting",
-             "seed": seed, "attempts": 0, "censored": False, "gen_metadata": []}
-            for i, (gid, seed) in enumerate(zip(gen_ids, seeds))
-        ],
-    )
-    sort_key = aging_per_second * now - priority
     pixels = request.params["width"] * request.params["height"]
-    mps = pixels * request.params["steps"] / 1e6
-    session.execute(
-        Q.insert(),
-        [
-            {"generation_id": gid, "model": m, "sort_key": sort_key, "pixels": pixels,
-             "megapixelsteps": mps}
-            for gid in gen_ids
-            for m in (models or [ANY_MODEL])
-        ],
-    )
+    mps = pixels * filters.steps / 1e6
+    session.execute(G.insert(), [
+        {"id": gid, "request_id": request.id, "position": i, "state": "waiting", "seed": seed,
+         "attempts": 0, "censored": False, "gen_metadata": [], "requester": request.requester,
+         "user_id": request.user_id, "kudos": reward, "tax": tax, "megapixelsteps": mps}
+        for i, (gid, seed) in enumerate(zip(gen_ids, seeds))
+    ])
+    common = {
+        "sort_key": sort_key, "pixels": pixels, "megapixelsteps": mps,
+        "steps": filters.steps, "user_id": filters.user_id, "nsfw": filters.nsfw,
+        "trusted_only": filters.trusted_only, "slow_ok": filters.slow_ok,
+        "extra_slow_ok": filters.extra_slow_ok, "upfront": filters.upfront,
+        "features": filters.features, "target_mode": filters.target_mode,
+        "target_workers": ",".join(filters.target_workers),
+    }
+    session.execute(Q.insert(), [
+        {"generation_id": gid, "model": m, **common}
+        for gid in gen_ids for m in (models or [ANY_MODEL])
+    ])
     return gen_ids
 
 
-def claim(db: Database, caps: Capabilities, limit: int, now: float | None = None) -> list[ClaimedJob]:
-    """Hand out up to `limit` waiting generations to `caps.worker_id`, best priority first.
+def _rules(caps: Capabilities) -> list[tuple[str, object]]:
+    """(skip reason, SQL condition a queue entry must meet for this claimer), in the order the
+    AI Horde reports them. Written against Q (queue_entries) and R (requests)."""
+    listed = Q.c.target_workers.contains(caps.worker_id, autoescape=True)
+    rules: list[tuple[str, object]] = [
+        ("models", Q.c.model.in_([*caps.models, ANY_MODEL])),
+        ("worker_id", or_(Q.c.target_mode == 0, and_(Q.c.target_mode == 1, listed),
+                          and_(Q.c.target_mode == 2, not_(listed)))),
+        ("max_pixels", Q.c.pixels <= caps.max_pixels),
+        ("step_count", true() if caps.max_steps is None else Q.c.steps <= caps.max_steps),
+        ("nsfw", true() if caps.nsfw else Q.c.nsfw == False),  # noqa: E712
+        ("untrusted", true() if caps.trusted else Q.c.trusted_only == False),  # noqa: E712
+        ("performance", and_(true() if not caps.slow else Q.c.slow_ok == True,  # noqa: E712
+                             true() if not caps.extra_slow else Q.c.extra_slow_ok == True)),  # noqa: E712
+        ("kudos", true() if not caps.require_upfront_kudos else Q.c.upfront == True),  # noqa: E712
+        ("blacklist", and_(true(), *[not_(func.lower(R.c.prompt).contains(w.lower(), autoescape=True))
+                                     for w in caps.blacklist])),
+    ]
+    for feature in Feature:
+        if not caps.features & feature:
+            rules.append((FEATURE_SKIP_REASON[feature], Q.c.features.op("&")(int(feature)) == 0))
+    return rules
 
-    PostgreSQL: candidates are locked with FOR UPDATE SKIP LOCKED so concurrent claimers never
+
+_JOB_COLUMNS = (Q.c.generation_id, Q.c.model, Q.c.sort_key, Q.c.id, G.c.seed, G.c.position,
+                G.c.attempts, G.c.kudos, R.c.id, R.c.prompt, R.c.negative_prompt, R.c.params,
+                R.c.user_id, R.c.nsfw, R.c.censor_nsfw, R.c.r2, R.c.shared)
+
+
+def claim(db: Database, caps: Capabilities, limit: int, now: float | None = None,
+          one_request: bool = False) -> list[ClaimedJob]:
+    """Hand out up to `limit` waiting generations that `caps` may run, best first: the
+    claimer's priority users, then by sort key (priority raised by aging, then age).
+    `one_request`: only a batch one pipeline call can make (see claim_in)."""
+    with db.write() as session:
+        return claim_in(session, caps, limit, time.time() if now is None else now, one_request)
+
+
+def claim_in(session, caps: Capabilities, limit: int, now: float,
+             one_request: bool = False) -> list[ClaimedJob]:
+    """claim() inside the caller's transaction. `one_request`: only generations of the best
+    candidate's request whose seeds follow on from its seed one by one, as a worker makes a
+    batch of `n_iter` images from one seed.
+
+    PostgreSQL: candidates are locked with FOR UPDATE SKIP LOCKED, so concurrent claimers never
     wait on each other or get the same row. SQLite: the write transaction (BEGIN IMMEDIATE)
-    makes the claim single-writer. Three statements: candidates, their requests, the update.
+    makes the claim single-writer. Two statements: the candidates, the update.
     """
     if not caps.models or limit <= 0:
         return []
-    now = time.time() if now is None else now
-    with db.write() as session:
-        pg = session.bind.dialect.name == "postgresql"
-        branches = []
-        for model in [*caps.models, ANY_MODEL]:
-            branch = (
-                select(Q.c.generation_id, Q.c.model, Q.c.sort_key, Q.c.id)
-                .join(G, G.c.id == Q.c.generation_id)
-                .where(Q.c.model == model, G.c.state == "waiting", Q.c.pixels <= caps.max_pixels)
-                .order_by(Q.c.sort_key, Q.c.id)
-                .limit(limit)
-            )
-            if pg:
-                branch = branch.with_for_update(of=G, skip_locked=True)
-            branches.append(select(branch.subquery()))
-        rows = session.execute(branches[0].union_all(*branches[1:])).all()
-        chosen: dict[str, str] = {}
-        for gen_id, model, _key, _id in sorted(rows, key=lambda r: (r[2], r[3])):
-            if gen_id not in chosen:
-                chosen[gen_id] = caps.models[0] if model == ANY_MODEL else model
-            if len(chosen) == limit:
-                break
-        if not chosen:
-            return []
-        info = session.execute(
-            select(G.c.id, G.c.seed, G.c.position, G.c.attempts, Request)
-            .join(Request.__table__, Request.id == G.c.request_id)
-            .where(G.c.id.in_(list(chosen)))
-        ).all()
-        jobs = []
-        for gen_id, seed, position, attempts, req in info:
-            p = req.params
-            jobs.append(ClaimedJob(
-                generation_id=gen_id, claim_id=str(uuid.uuid4()), request_id=req.id,
-                model=chosen[gen_id], seed=seed, position=position, prompt=req.prompt,
-                negative_prompt=req.negative_prompt, params=p, attempts=attempts + 1,
-                deadline=now + job_ttl(p["width"], p["height"], p["steps"]),
-            ))
+    conditions = [cond for _, cond in _rules(caps)]
+    pg = session.bind.dialect.name == "postgresql"
+    branches = []
+
+    def branch(tier: int, *where):
+        stmt = (select(literal(tier).label("tier"), *_JOB_COLUMNS)
+                .join(G, G.c.id == Q.c.generation_id).join(R, R.c.id == G.c.request_id)
+                .where(G.c.state == "waiting", *where, *conditions)
+                .order_by(Q.c.sort_key, Q.c.id).limit(limit))
+        if pg:
+            stmt = stmt.with_for_update(of=G, skip_locked=True)
+        branches.append(select(stmt.subquery()))
+
+    if caps.priority_user_ids:  # reads ix_queue_user
+        branch(0, Q.c.user_id.in_(caps.priority_user_ids))
+    for model in [*caps.models, ANY_MODEL]:  # each reads ix_queue_claim
+        branch(1, Q.c.model == model)
+    rows = session.execute(branches[0].union_all(*branches[1:])).all()
+    chosen: dict[str, ClaimedJob] = {}
+    for row in sorted(rows, key=lambda r: (r[0], r[3], r[4])):
+        (_tier, gen_id, model, _key, _qid, seed, position, attempts, kudos, request_id,
+         prompt, negative, params, user_id, nsfw, censor, r2, shared) = row
+        if gen_id in chosen:
+            continue
+        if one_request and chosen:
+            first = next(iter(chosen.values()))
+            if request_id != first.request_id or seed != (first.seed + len(chosen)) % 2**32:
+                continue
+        ttl = job_ttl(params["width"], params["height"], params["steps"])
+        chosen[gen_id] = ClaimedJob(
+            generation_id=gen_id, claim_id=str(uuid.uuid4()), request_id=request_id,
+            model=caps.models[0] if model == ANY_MODEL else model, seed=seed,
+            position=position, prompt=prompt, negative_prompt=negative, params=params,
+            deadline=now + ttl, ttl=ttl, attempts=attempts + 1, kudos=kudos,
+            user_id=user_id, nsfw=nsfw, censor_nsfw=censor, r2=r2, shared=shared)
+        if len(chosen) == limit:
+            break
+    jobs = list(chosen.values())
+    if jobs:
         session.execute(
-            update(G)
-            .where(G.c.id == bindparam("gid"), G.c.state == "waiting")
+            update(G).where(G.c.id == bindparam("gid"), G.c.state == "waiting")
             .values(state="processing", model=bindparam("m"), claim_id=bindparam("cid"),
                     claimed_by=caps.worker_id, deadline=bindparam("dl"),
                     attempts=G.c.attempts + 1, started_at=now),
@@ -144,9 +242,21 @@ def claim(db: Database, caps: Capabilities, limit: int, now: float | None = None
     return jobs
 
 
-def _back_to_queue_values(reason: str, max_attempts: int) -> dict:
-    from sqlalchemy import case
+def skipped_in(session, caps: Capabilities) -> dict[str, int]:
+    """Why `caps` got nothing: for each of the first SKIPPED_SAMPLE waiting generations (in
+    queue order, whatever their model), the first rule it failed, counted by reason. One
+    statement; it reads ix_queue_sort."""
+    rules = _rules(caps)
+    reason = case(*[(not_(cond), name) for name, cond in rules], else_=None).label("reason")
+    sample = (select(reason).select_from(Q.join(G, G.c.id == Q.c.generation_id)
+                                          .join(R, R.c.id == G.c.request_id))
+              .where(G.c.state == "waiting").order_by(Q.c.sort_key, Q.c.id)
+              .limit(SKIPPED_SAMPLE).subquery())
+    rows = session.execute(select(sample.c.reason, func.count()).group_by(sample.c.reason)).all()
+    return {name: count for name, count in rows if name is not None}
 
+
+def _back_to_queue_values(reason: str, max_attempts: int) -> dict:
     give_up = G.c.attempts >= max_attempts
     return {
         "state": case((give_up, "faulted"), else_="waiting"),
@@ -170,80 +280,144 @@ def release(db: Database, claims: list[tuple[str, str]], reason: str, max_attemp
     if not claims:
         return 0
     with db.write() as session:
-        released = []
-        for gen_id, claim_id in claims:
-            row = session.execute(
-                update(G).where(G.c.id == gen_id, G.c.claim_id == claim_id,
-                                G.c.state == "processing")
-                .values(**_back_to_queue_values(reason, max_attempts)).returning(G.c.id)
-            ).first()
-            if row:
-                released.append(gen_id)
-        _drop_entries_of_ended(session, released)
+        return release_in(session, claims, reason, max_attempts)
+
+
+def release_in(session, claims: list[tuple[str, str]], reason: str, max_attempts: int) -> int:
+    released = []
+    for gen_id, claim_id in claims:
+        row = session.execute(
+            update(G).where(G.c.id == gen_id, G.c.claim_id == claim_id, G.c.state == "processing")
+            .values(**_back_to_queue_values(reason, max_attempts)).returning(G.c.id)
+        ).first()
+        if row:
+            released.append(gen_id)
+    _drop_entries_of_ended(session, released)
     return len(released)
 
 
 def expire(db: Database, max_attempts: int, now: float | None = None,
-           worker_id: str | None = None) -> int:
+           worker_id: str | None = None, max_consecutive_drops: int | None = None) -> int:
     """Return claims past their deadline (or every claim of `worker_id`, whose in-flight work is
-    known to be lost) to the queue. Reads through ix_generations_state_deadline."""
+    known to be lost) to the queue. Reads through ix_generations_state_deadline.
+
+    Deadline expiries count as drops against the HTTP workers that held them; one that drops
+    `max_consecutive_drops` jobs in a row (no successful submit between) goes into
+    maintenance, so its owner notices before it wastes more of the queue's time."""
     now = time.time() if now is None else now
     with db.write() as session:
         cond = [G.c.state == "processing"]
         cond.append(G.c.claimed_by == worker_id if worker_id else G.c.deadline < now)
         reason = "worker lost the job" if worker_id else "job expired"
-        ids = [r[0] for r in session.execute(
-            update(G).where(*cond).values(**_back_to_queue_values(reason, max_attempts))
-            .returning(G.c.id)
-        ).all()]
+        # Who held them is read first: RETURNING would give the cleared claimed_by.
+        lapsed = select(G.c.id, G.c.claimed_by).where(*cond)
+        if session.bind.dialect.name == "postgresql":
+            lapsed = lapsed.with_for_update(skip_locked=True)
+        rows = session.execute(lapsed).all()
+        if not rows:
+            return 0
+        ids = [r[0] for r in rows]
+        session.execute(update(G).where(G.c.id.in_(ids), *cond)
+                        .values(**_back_to_queue_values(reason, max_attempts)))
         _drop_entries_of_ended(session, ids)
-    return len(ids)
+        if worker_id is None and max_consecutive_drops:
+            _count_drops(session, [r[1] for r in rows], max_consecutive_drops)
+    return len(rows)
+
+
+def _count_drops(session, holders: list[str], limit: int) -> None:
+    W_ = Worker.__table__
+    for worker, count in sorted({h: holders.count(h) for h in holders if h}.items()):
+        drops = W_.c.consecutive_drops + count
+        session.execute(
+            update(W_).where(W_.c.id == worker, W_.c.kind != "cluster")
+            .values(dropped_jobs=W_.c.dropped_jobs + count, consecutive_drops=drops,
+                    maintenance=or_(W_.c.maintenance, drops >= limit),
+                    maintenance_msg=case((and_(W_.c.maintenance == False, drops >= limit),  # noqa: E712
+                                          f"dropped {limit} jobs in a row"),
+                                         else_=W_.c.maintenance_msg)))
 
 
 @dataclass
 class Result:
     generation_id: str
     claim_id: str
-    storage_key: str
+    storage_key: str | None
     seed: int
     worker_id: str
     worker_name: str
+    owner_id: int  # earns the reward
     censored: bool = False
     gen_metadata: list = field(default_factory=list)
 
 
-def finish(db: Database, results: list[Result], now: float | None = None) -> list[str]:
+@dataclass
+class Finished:
+    generation_id: str
+    reward: float
+
+
+def finish(db: Database, results: list[Result], now: float | None = None) -> list[Finished]:
     """Record results exactly once: only the current claim of a processing generation can
-    finish it; a late or second submit finds nothing to update. Returns the ids recorded."""
+    finish it; a late or second submit finds nothing to update. In the same transaction the
+    requester pays (the generation's kudos plus its tax share), the worker's owner earns the
+    kudos, the horde collects the tax, and the worker's counters move."""
     now = time.time() if now is None else now
-    done: list[tuple[str, str, float]] = []
     with db.write() as session:
-        for r in results:
-            row = session.execute(
-                update(G)
-                .where(G.c.id == r.generation_id, G.c.claim_id == r.claim_id,
-                       G.c.state == "processing")
-                .values(state="done", storage_key=r.storage_key, finished_at=now,
-                        seed=r.seed, worker_id=r.worker_id, worker_name=r.worker_name,
-                        censored=r.censored, gen_metadata=r.gen_metadata, claim_id=None,
-                        deadline=None)
-                .returning(G.c.id, G.c.model, G.c.started_at)
-            ).first()
-            if row:
-                done.append((row[0], row[1], now - (row[2] or now)))
-        if done:
-            session.execute(delete(Q).where(Q.c.generation_id.in_([d[0] for d in done])))
-            _record_speed(session, done, now)
-    return [d[0] for d in done]
+        return finish_in(session, results, now)
 
 
-def _record_speed(session, done: list[tuple[str, str, float]], now: float) -> None:
+def finish_in(session, results: list[Result], now: float) -> list[Finished]:
+    done: list[tuple[Result, dict]] = []
+    for r in results:
+        row = session.execute(
+            update(G)
+            .where(G.c.id == r.generation_id, G.c.claim_id == r.claim_id,
+                   G.c.state == "processing")
+            .values(state="done", storage_key=r.storage_key, finished_at=now, seed=r.seed,
+                    worker_id=r.worker_id, worker_name=r.worker_name, censored=r.censored,
+                    gen_metadata=r.gen_metadata, claim_id=None, deadline=None)
+            .returning(G.c.model, G.c.started_at, G.c.kudos, G.c.tax, G.c.user_id,
+                       G.c.megapixelsteps)
+        ).first()
+        if row:
+            done.append((r, dict(row._mapping)))
+    if not done:
+        return []
+    ids = [r.generation_id for r, _ in done]
+    session.execute(delete(Q).where(Q.c.generation_id.in_(ids)))
+    _record_speed(session, [(g["model"], now - (g["started_at"] or now)) for _, g in done], now)
+    horde = ledger.horde_account_id(session)
+    rows: list[tuple[int, float, str]] = []
+    per_worker: dict[str, dict[str, float]] = {}
+    for r, g in done:
+        rows += [(g["user_id"], -(g["kudos"] + g["tax"]), "generation"),
+                 (r.owner_id, g["kudos"], "reward")]
+        if g["tax"]:
+            rows.append((horde, g["tax"], "tax"))
+        w = per_worker.setdefault(r.worker_id, {"jobs": 0, "mps": 0.0, "kudos": 0.0, "secs": 0.0})
+        w["jobs"] += 1
+        w["mps"] += g["megapixelsteps"]
+        w["kudos"] += g["kudos"]
+        w["secs"] += now - (g["started_at"] or now)
+    ledger.record(session, rows, ref=ids[0] if len(ids) == 1 else None, now=now)
+    for worker_id, w in sorted(per_worker.items()):
+        session.execute(update(W).where(W.c.id == worker_id).values(
+            jobs_done=W.c.jobs_done + w["jobs"],
+            megapixelsteps_done=W.c.megapixelsteps_done + w["mps"],
+            kudos_earned=W.c.kudos_earned + w["kudos"],
+            seconds_working=W.c.seconds_working + w["secs"], consecutive_drops=0))
+    return [Finished(r.generation_id, g["kudos"]) for r, g in done]
+
+
+def _record_speed(session, done: list[tuple[str, float]], now: float) -> None:
     """Fold finished generations into the per-model speed averages used by `wait_time`."""
     by_model: dict[str, list[float]] = {}
-    for _id, model, seconds in done:
+    for model, seconds in done:
         by_model.setdefault(model, []).append(seconds)
     dialect = session.bind.dialect.name
     ins = pg_insert if dialect == "postgresql" else sqlite_insert
+    least = func.min if dialect == "sqlite" else func.least
     S = ModelStat.__table__
     for model, secs in sorted(by_model.items()):
         avg = sum(secs) / len(secs)
@@ -251,10 +425,7 @@ def _record_speed(session, done: list[tuple[str, str, float]], now: float) -> No
         # a long idle gap does not make the next estimate absurd.
         stmt = ins(S).values(model=model, ewma_seconds=avg, ewma_interval=avg,
                              last_finished=now, completed=len(secs))
-        interval = func.min(
-            (now - S.c.last_finished) / len(secs), S.c.ewma_seconds
-        ) if dialect == "sqlite" else func.least((now - S.c.last_finished) / len(secs),
-                                                 S.c.ewma_seconds)
+        interval = least((now - S.c.last_finished) / len(secs), S.c.ewma_seconds)
         session.execute(stmt.on_conflict_do_update(
             index_elements=[S.c.model],
             set_={

@@ -1,8 +1,12 @@
-"""Per-request helpers shared by the routes: the context and the caller's identity."""
+"""Per-request helpers shared by the routes: the context, the caller's identity and address,
+rate limits."""
 
 from __future__ import annotations
 
-from fastapi import Request
+import hashlib
+from collections.abc import Callable
+
+from fastapi import Header, Request
 from sqlalchemy import select
 
 from api.auth import ANONYMOUS_KEY, ANONYMOUS_USER_ID, hash_api_key
@@ -27,3 +31,46 @@ def authenticate(ctx: Context, session, apikey: str | None) -> User:
     if user is None:
         raise HordeError(401, "InvalidAPIKey", "apikey: unknown API key")
     return user
+
+
+def registered(ctx: Context, session, apikey: str | None, what: str) -> User:
+    """Like authenticate, for calls the anonymous user may not make."""
+    user = authenticate(ctx, session, apikey)
+    if user.id == ANONYMOUS_USER_ID:
+        raise HordeError(403, "AnonForbidden", f"apikey: {what} needs a registered user's API key")
+    return user
+
+
+def client_ip(request: Request) -> str:
+    """The caller's address: the peer's, or when the peer is a trusted proxy (the ingress), the
+    last address that proxy put in X-Forwarded-For."""
+    peer = request.client.host if request.client else ""
+    forwarded = request.headers.get("x-forwarded-for")
+    if forwarded and peer in ctx_of(request).settings.trusted_proxies:
+        return forwarded.split(",")[-1].strip()
+    return peer
+
+
+def requester_of(user: User, ip: str) -> str:
+    """Who a request's concurrency counts against: the user, or for anonymous requests the
+    client address (kept as a digest, not in the clear)."""
+    if user.id != ANONYMOUS_USER_ID:
+        return f"u:{user.id}"
+    return "ip:" + hashlib.sha256(ip.encode()).hexdigest()[:32]
+
+
+def client_agent(request: Request) -> str:
+    # horde-sdk sends `client_agent` (underscore), browsers' clients `Client-Agent`.
+    return (request.headers.get("client-agent") or request.headers.get("client_agent")
+            or "unknown:0:unknown")[:200]
+
+
+def rate_limited(group: str) -> Callable:
+    """A route dependency counting the call against `group`'s limit."""
+
+    def dependency(request: Request, apikey: str | None = Header(None)) -> None:
+        limiter = ctx_of(request).limiter
+        if limiter is not None:
+            limiter.check(group, apikey, client_ip(request))
+
+    return dependency

@@ -1,19 +1,23 @@
-"""Cluster status routes: heartbeat, models, users, and local object storage."""
+"""Cluster status routes: heartbeat, models, performance, stats, and local object storage."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import Response
+import time
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import func, select
 
-from api.db.models import Generation, ModelStat, QueueEntry
+from api.db.models import Generation, ModelStat, QueueEntry, Worker
 from api.errors import HordeError
-from api.routes.deps import authenticate, ctx_of
+from api.routes.deps import ctx_of
 from api.schemas import ActiveModel, Heartbeat
 from api.storage import LocalStorage
 
 router = APIRouter(tags=["status"])
 VERSION = "2.5.0"
+TOTALS_CACHE_SECONDS = 30.0
+_totals_cache: dict[str, tuple[float, dict]] = {}
 
 
 @router.get("/status/heartbeat", response_model=Heartbeat)
@@ -21,14 +25,27 @@ def heartbeat():
     return Heartbeat(version=VERSION)
 
 
+def live_capacity(ctx, session, now: float) -> dict[str, int]:
+    """Per model: online HTTP workers offering it, plus the running replicas of the cluster's
+    own deployment that serves it (the dispatcher keeps those counts in `threads`)."""
+    counts: dict[str, int] = {}
+    rows = session.execute(select(Worker.models, Worker.kind, Worker.threads).where(
+        Worker.last_seen > now - ctx.settings.stale_worker_seconds,
+        Worker.maintenance == False)).all()  # noqa: E712
+    for models, kind, threads in rows:
+        for m in models or []:
+            counts[m] = counts.get(m, 0) + (threads if kind == "cluster" else 1)
+    return counts
+
+
 @router.get("/status/models", response_model=list[ActiveModel])
 def status_models(request: Request, type: str = Query("image", pattern="^(image|text)$")):
     ctx = ctx_of(request)
     if type == "text":
         return []
-    names = [m.name for m in ctx.catalog.models]
+    now = time.time()
     with ctx.db.read() as session:
-        # One grouped read over the waiting queue and one over the speed table.
+        # One grouped read over the waiting queue, one over the speed table, one over workers.
         waiting = {
             model: (jobs, mps or 0.0)
             for model, jobs, mps in session.execute(
@@ -38,29 +55,63 @@ def status_models(request: Request, type: str = Query("image", pattern="^(image|
             ).all()
         }
         speed = {s.model: s for s in session.execute(select(ModelStat)).scalars()}
+        capacity = live_capacity(ctx, session, now)
     out = []
-    for name in names:
-        jobs, mps = waiting.get(name, (0, 0.0))
-        stat = speed.get(name)
+    for entry in ctx.catalog.models:
+        jobs, mps = waiting.get(entry.name, (0, 0.0))
+        stat = speed.get(entry.name)
         per_image = stat.ewma_interval if stat else 0.0
         out.append(ActiveModel(
-            name=name, count=1, performance=round(1 / stat.ewma_seconds, 3) if stat else 0.0,
+            name=entry.name, count=capacity.get(entry.name, 0),
+            performance=round(1 / stat.ewma_seconds, 3) if stat and stat.ewma_seconds else 0.0,
             queued=round(mps, 3), jobs=float(jobs), eta=int(jobs * per_image), type="image",
         ))
     return out
 
 
-@router.get("/find_user")
-def find_user(request: Request, apikey: str | None = Header(None)):
+@router.get("/status/performance")
+def status_performance(request: Request):
     ctx = ctx_of(request)
+    now = time.time()
     with ctx.db.read() as session:
-        user = authenticate(ctx, session, apikey)
-        return {
-            "username": f"{user.username}#{user.id}", "id": user.id, "kudos": user.kudos,
-            "concurrency": ctx.settings.max_waiting_per_user, "worker_count": 0,
-            "worker_ids": [], "trusted": False, "flagged": False, "moderator": False,
-            "pseudonymous": user.id == 0,
-        }
+        queued, queued_mps = session.execute(
+            select(func.count(), func.coalesce(func.sum(Generation.megapixelsteps), 0.0))
+            .where(Generation.state == "waiting")).one()
+        past_minute = session.execute(
+            select(func.coalesce(func.sum(Generation.megapixelsteps), 0.0))
+            .where(Generation.finished_at > now - 60, Generation.state == "done")).scalar_one()
+        online = session.execute(select(Worker.kind, Worker.threads).where(
+            Worker.last_seen > now - ctx.settings.stale_worker_seconds)).all()
+    return {
+        "queued_requests": queued, "queued_megapixelsteps": round(queued_mps, 2),
+        "past_minute_megapixelsteps": round(past_minute, 2), "worker_count": len(online),
+        "thread_count": sum(t for _, t in online), "queued_text_requests": 0,
+        "text_worker_count": 0, "text_thread_count": 0, "queued_tokens": 0.0,
+        "past_minute_tokens": 0.0,
+    }
+
+
+@router.get("/stats/img/totals")
+def stats_image_totals(request: Request):
+    """Images finished and their pixelsteps over the last minute, hour, day, month and ever.
+    Cached for TOTALS_CACHE_SECONDS: the totals scan history, which only grows."""
+    ctx = ctx_of(request)
+    now = time.time()
+    cached = _totals_cache.get(ctx.settings.database_url)
+    if cached and now - cached[0] < TOTALS_CACHE_SECONDS:
+        return cached[1]
+    out = {}
+    with ctx.db.read() as session:
+        for name, seconds in (("minute", 60), ("hour", 3600), ("day", 86400),
+                              ("month", 30 * 86400), ("total", None)):
+            stmt = select(func.count(), func.coalesce(func.sum(Generation.megapixelsteps), 0.0)
+                          ).where(Generation.state == "done")
+            if seconds:
+                stmt = stmt.where(Generation.finished_at > now - seconds)
+            images, mps = session.execute(stmt).one()
+            out[name] = {"images": images, "ps": int(mps * 1e6)}
+    _totals_cache[ctx.settings.database_url] = (now, out)
+    return out
 
 
 @router.get("/objects/{key:path}")
@@ -74,3 +125,24 @@ def get_object(key: str, request: Request):
         raise HordeError(404, "NotFound", f"key: no object {key}") from None
     return Response(data, media_type="image/webp",
                     headers={"Cache-Control": "public, max-age=86400"})
+
+
+@router.put("/objects/{key:path}")
+async def put_object(key: str, request: Request, expires: int = Query(...),
+                     signature: str = Query(..., max_length=128)):
+    """Where HTTP workers upload results under local storage: the `r2_upload` URL of a pop,
+    signed for that key until `expires`. Any content type; answers 200 as S3 does."""
+    storage = ctx_of(request).storage
+    if not isinstance(storage, LocalStorage):
+        raise HordeError(404, "NotFound", "uploads go to the object store")
+    try:
+        allowed = storage.upload_allowed(key, expires, signature)
+    except ValueError:
+        raise HordeError(400, "BadRequest", f"key: invalid object key {key!r}") from None
+    if not allowed:
+        raise HordeError(403, "Forbidden", "signature: invalid or expired upload URL")
+    data = await request.body()
+    if not data:
+        raise HordeError(400, "BadRequest", "body: empty upload")
+    storage.put(key, data, request.headers.get("content-type") or "image/webp")
+    return JSONResponse({"key": key, "size": len(data)})

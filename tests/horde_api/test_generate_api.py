@@ -68,7 +68,7 @@ def _complete_all(ctx, worker="w-test"):
         ctx.storage.put(key, b"RIFF-fake-" + j.generation_id.encode(), "image/webp")
     queue.finish(ctx.db, [queue.Result(j.generation_id, j.claim_id,
                                        f"images/{j.request_id}/{j.generation_id}.webp",
-                                       j.seed, worker, "test worker") for j in jobs])
+                                       j.seed, worker, "test worker", owner_id=0) for j in jobs])
     return jobs
 
 
@@ -94,7 +94,7 @@ def test_cancel_returns_finished_and_drops_the_rest(client, ctx):
     jobs = queue.claim(ctx.db, queue.Capabilities("w", ["tiny-sd15"]), 1)
     ctx.storage.put("images/a.webp", b"RIFF", "image/webp")
     queue.finish(ctx.db, [queue.Result(jobs[0].generation_id, jobs[0].claim_id,
-                                       "images/a.webp", 1, "w", "w")])
+                                       "images/a.webp", 1, "w", "w", owner_id=0)])
     st = client.delete(f"/api/v2/generate/status/{rid}").json()
     assert st["finished"] == 1 and len(st["generations"]) == 1 and st["waiting"] == 0
     assert queue.claim(ctx.db, queue.Capabilities("w", ["tiny-sd15"]), 5) == []
@@ -185,6 +185,7 @@ def test_status_models_lists_served_models_with_queue(client):
 
 
 def test_statement_counts_are_pinned_and_flat(client, ctx):
+    ctx.settings.max_waiting_per_user = 10**6  # a deep backlog from one requester
     counts = {}
     for n, backlog in ((1, 0), (20, 50)):
         for _ in range(backlog):
@@ -198,7 +199,8 @@ def test_statement_counts_are_pinned_and_flat(client, ctx):
         with count_statements(ctx.db) as c:
             client.get(f"/api/v2/generate/status/{rid}")
         counts[("status", n)] = c.count
-    # submit: user, request, generations (one multi-row insert), queue entries.
-    assert counts[("submit", 1)] == counts[("submit", 20)] == 4
+    # submit: user, the requester's active count, request, generations (one multi-row
+    # insert), queue entries.
+    assert counts[("submit", 1)] == counts[("submit", 20)] == 5
     assert counts[("check", 1)] == counts[("check", 20)] == 3
     assert counts[("status", 1)] == counts[("status", 20)] == 4

@@ -10,24 +10,9 @@ from sqlalchemy import func, select
 
 from api.db import queue
 from api.db.models import Generation, QueueEntry, Request, User
-from conftest import count_statements
+from conftest import add_request, count_statements
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def add_request(db, *, n=1, models=("tiny-sd15",), priority=0.0, created=None, steps=10,
-                width=512, height=512):
-    created = time.time() if created is None else created
-    with db.write() as s:
-        req = Request(kind="image", user_id=0, prompt="p", negative_prompt="", n=n,
-                      params={"width": width, "height": height, "steps": steps, "cfg_scale": 5,
-                              "sampler_name": "k_euler", "karras": True, "clip_skip": 1,
-                              "tiling": False},
-                      models=list(models), kudos=1.0, created_at=created)
-        s.add(req)
-        s.flush()
-        queue.enqueue(s, req, list(range(n)), list(models), priority, aging_per_second=1.0)
-        return req.id
 
 
 def caps(*models, worker="w1", max_pixels=3072 * 3072):
@@ -78,10 +63,10 @@ def test_multi_model_request_is_claimed_once(db):
 def test_finish_is_compare_and_set(db):
     add_request(db)
     (job,) = queue.claim(db, caps("tiny-sd15"), 1)
-    res = queue.Result(job.generation_id, job.claim_id, "k", 1, "w1", "w1")
-    assert queue.finish(db, [res]) == [job.generation_id]
+    res = queue.Result(job.generation_id, job.claim_id, "k", 1, "w1", "w1", owner_id=0)
+    assert [f.generation_id for f in queue.finish(db, [res])] == [job.generation_id]
     assert queue.finish(db, [res]) == []  # a second submit changes nothing
-    stale = queue.Result(job.generation_id, "not-the-claim", "k2", 1, "w2", "w2")
+    stale = queue.Result(job.generation_id, "not-the-claim", "k2", 1, "w2", "w2", owner_id=0)
     assert queue.finish(db, [stale]) == []
     with db.read() as s:
         g = s.get(Generation, job.generation_id)
@@ -109,10 +94,10 @@ def test_expired_claims_return_and_late_results_are_refused(db):
     assert queue.expire(db, 3, now=job.deadline + 1) == 1
     (again,) = queue.claim(db, caps("tiny-sd15", worker="w2"), 1)
     assert again.generation_id == job.generation_id and again.attempts == 2
-    late = queue.Result(job.generation_id, job.claim_id, "late", 1, "w1", "w1")
+    late = queue.Result(job.generation_id, job.claim_id, "late", 1, "w1", "w1", owner_id=0)
     assert queue.finish(db, [late]) == []
-    assert queue.finish(db, [queue.Result(again.generation_id, again.claim_id, "k", 1, "w2",
-                                          "w2")]) == [again.generation_id]
+    assert [f.generation_id for f in queue.finish(db, [queue.Result(
+        again.generation_id, again.claim_id, "k", 1, "w2", "w2", owner_id=0)])] == [again.generation_id]
 
 
 def test_release_all_claims_of_a_lost_worker(db):
@@ -132,15 +117,10 @@ def test_claim_statements_do_not_grow_with_queue(db):
     add_request(db, n=2)
     with count_statements(db) as small:
         queue.claim(db, caps("tiny-sd15"), 2)
-    with db.write() as s:  # 2,000 more waiting generations, inserted in bulk
-        req = Request(kind="image", user_id=0, prompt="p", n=2000, models=["tiny-sd15"],
-                      params={"width": 512, "height": 512, "steps": 10}, kudos=1)
-        s.add(req)
-        s.flush()
-        queue.enqueue(s, req, list(range(2000)), ["tiny-sd15"], 0, 1.0)
+    add_request(db, n=2000)  # 2,000 more waiting generations, inserted in bulk
     with count_statements(db) as big:
         assert len(queue.claim(db, caps("tiny-sd15"), 2)) == 2
-    assert small.count == big.count == 3
+    assert small.count == big.count == 2
 
 
 def test_concurrent_claimers_never_share_a_generation(db):

@@ -61,7 +61,8 @@ def test_status_serves_s3_urls(client, ctx, s3_endpoint):
     (job,) = queue.claim(ctx.db, queue.Capabilities("w", ["tiny-sd15"]), 1)
     store.put(f"images/{rid}/{job.generation_id}.webp", b"RIFF-api", "image/webp")
     queue.finish(ctx.db, [queue.Result(job.generation_id, job.claim_id,
-                                       f"images/{rid}/{job.generation_id}.webp", 1, "w", "w")])
+                                       f"images/{rid}/{job.generation_id}.webp", 1, "w", "w",
+                                       owner_id=0)])
     img = client.get(f"/api/v2/generate/status/{rid}").json()["generations"][0]["img"]
     assert img.startswith(s3_endpoint)
     assert httpx.get(img).content == b"RIFF-api"

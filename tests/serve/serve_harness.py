@@ -75,9 +75,11 @@ def settings_for(workdir: Path, database_url: str | None = None) -> dict:
 
 @contextmanager
 def running_cluster(workdir: Path, database_url: str | None = None, families: dict | None = None,
-                    dispatch: bool = True, config: Path = ROOT / "configs" / "local.yaml"):
+                    dispatch: bool = True, config: Path = ROOT / "configs" / "local.yaml",
+                    settings: dict | None = None):
     """`config` (the embedded cluster's own configs/local.yaml by default) deployed on a fresh
-    local Ray, its settings pointed at `workdir`. `dispatch=False`: the API alone."""
+    local Ray, its settings pointed at `workdir` (and `settings` on top). `dispatch=False`: the
+    API alone."""
     import ray
     from ray import serve
 
@@ -88,7 +90,7 @@ def running_cluster(workdir: Path, database_url: str | None = None, families: di
     os.environ.update(SERVE_ENV)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     node_id = ray.get_runtime_context().get_node_id()
-    settings = settings_for(workdir, database_url)
+    settings = {**settings_for(workdir, database_url), **(settings or {})}
     try:
         app_config = load_config(config, settings=settings, families=families,
                                  args={"poll_seconds": 0.5, "dispatch": dispatch})

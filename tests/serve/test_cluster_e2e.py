@@ -28,10 +28,22 @@ def cluster(tmp_path_factory):
         yield info
 
 
-def submit(http: httpx.Client, **body) -> str:
+def make_user(cluster, name: str, kudos: float = 0) -> tuple[str, str]:
+    """(alias, API key) of a new user, made with `rayhorde users create`."""
+    import re
+    import sys
+
+    env = {**os.environ, "RAYHORDE_DATABASE_URL": cluster["db"].url}
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "users", "create", name,
+                          "--kudos", str(kudos)], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()[1], re.search(r"API key: (\S+)", out).group(1)
+
+
+def submit(http: httpx.Client, headers: dict = ANON, **body) -> str:
     body.setdefault("prompt", "a lighthouse on a cliff ### fog")
     body.setdefault("models", ["tiny-sd15"])
-    r = http.post(f"{API}/generate/async", json=body, headers=ANON)
+    r = http.post(f"{API}/generate/async", json=body, headers=headers)
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
@@ -120,8 +132,9 @@ def test_parameters_change_the_image(cluster):
 def test_replica_killed_mid_generation_still_completes(cluster):
     import ray
 
+    _, key = make_user(cluster, "patient", kudos=1000)  # a long job needs its kudos upfront
     with httpx.Client(timeout=30) as http:
-        rid = submit(http, models=["tiny-sd15"],
+        rid = submit(http, {"apikey": key}, models=["tiny-sd15"],
                      params={"width": 512, "height": 512, "steps": 150, "seed": "3"})
         victim = None
         deadline = time.time() + 120
@@ -148,3 +161,52 @@ def test_horde_sdk_client_works_unchanged(cluster):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["ok"] and len(summary["images"]) >= 1
+
+
+def test_cluster_replicas_are_trusted_workers(cluster):
+    with httpx.Client(timeout=30) as http:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            listed = {w["name"]: w for w in http.get(f"{API}/workers").json()}
+            sd = listed.get("rayhorde-cluster/stable_diffusion_1")
+            if sd and sd["threads"] >= 1 and sd["online"]:
+                break
+            time.sleep(1)
+        assert sd["trusted"] and sd["models"] == ["tiny-sd15"], sd
+        counts = {m["name"]: m["count"] for m in http.get(f"{API}/status/models").json()}
+        assert counts["tiny-sd15"] >= 1 and counts["tiny-cascade"] >= 1
+        # A request may target the cluster's own worker, and it does the job.
+        st, _ = generate(http, workers=[sd["id"]], params={"width": 64, "height": 64, "steps": 2})
+        assert st["generations"][0]["worker_id"] == sd["id"]
+
+
+def test_horde_sdk_worker_pops_uploads_and_submits(cluster):
+    alias, key = make_user(cluster, "sdk-volunteer")
+    name = "sdk-worker-1"
+    with httpx.Client(timeout=30) as http:
+        # Its first pop registers the worker; then a client queues work only it may take (the
+        # in-cluster replicas may not), through the request-side `workers` choice.
+        first = http.post(f"{API}/generate/pop", headers={"apikey": key},
+                          json={"name": name, "models": ["tiny-sd15"], "max_pixels": 262144})
+        assert first.status_code == 200 and first.json()["ids"] == []
+        wid = next(w["id"] for w in http.get(f"{API}/workers").json() if w["name"] == name)
+        rid = submit(http, workers=[wid], prompt="a red boat ### rain",
+                     params={"n": 2, "width": 64, "height": 64, "steps": 4, "seed": "77"})
+        python = cluster["horde_sdk_python"]()
+        env = {**os.environ, "AI_HORDE_URL": "http://127.0.0.1:8000/api/", "TESTS_ONGOING": "1"}
+        proc = subprocess.run(
+            [python, str(ROOT / "tests/compat/horde_sdk_image_worker.py"), "tiny-sd15",
+             "--apikey", key, "--name", name], env=env, capture_output=True, text=True,
+            timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert out["ok"] and out["prompt"] == "a red boat ### rain" and out["seed"] == "77"
+        assert len(out["ids"]) == 2 and all(r > 0 for r in out["rewards"])
+        assert out["kudos"] == pytest.approx(sum(out["rewards"]), abs=0.02)
+        assert out["worker_requests_fulfilled"] == 2
+        st = http.get(f"{API}/generate/status/{rid}").json()
+        assert st["done"] and {g["worker_name"] for g in st["generations"]} == {name}
+        assert sorted(g["seed"] for g in st["generations"]) == ["77", "78"]
+        for data in images_of(http, st):
+            with Image.open(io.BytesIO(data)) as im:
+                assert im.size == (64, 64)

@@ -1,0 +1,82 @@
+"""User and kudos routes: `/find_user`, `/users`, `/kudos/transfer`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Header, Query, Request
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from api import users
+from api.db.models import IdempotencyKey, User
+from api.errors import HordeError
+from api.routes.deps import authenticate, ctx_of, registered
+from api.user_schemas import (
+    KudosTransferInput,
+    KudosTransferResponse,
+    UserDetails,
+    UserModify,
+    UserModifyResponse,
+)
+
+router = APIRouter(tags=["users"])
+
+
+@router.get("/find_user", response_model=UserDetails, response_model_exclude_none=True)
+def find_user(request: Request, apikey: str | None = Header(None)):
+    ctx = ctx_of(request)
+    with ctx.db.read() as session:
+        user = authenticate(ctx, session, apikey)
+        return users.details(ctx, session, user, private=True)
+
+
+@router.get("/users", response_model=list[UserDetails], response_model_exclude_none=True)
+def list_users(request: Request, page: int = Query(1, ge=1, le=10**6),
+               sort: str = Query("kudos", pattern="^(kudos|age)$")):
+    """25 users a page, by kudos (highest first) or by age (oldest first)."""
+    ctx = ctx_of(request)
+    order = (User.kudos.desc(), User.id) if sort == "kudos" else (User.id,)
+    with ctx.db.read() as session:
+        page_users = session.execute(select(User).order_by(*order)
+                                     .offset((page - 1) * users.PAGE_SIZE)
+                                     .limit(users.PAGE_SIZE)).scalars().all()
+        return [users.details(ctx, session, u, private=False) for u in page_users]
+
+
+@router.get("/users/{user_id}", response_model=UserDetails, response_model_exclude_none=True)
+def get_user(user_id: int, request: Request, apikey: str | None = Header(None)):
+    ctx = ctx_of(request)
+    with ctx.db.read() as session:
+        target = users.get_user(session, user_id)
+        caller = authenticate(ctx, session, apikey) if apikey else None
+        private = caller is not None and (caller.id == target.id and caller.id != 0
+                                          or caller.moderator)
+        return users.details(ctx, session, target, private)
+
+
+@router.put("/users/{user_id}", response_model=UserModifyResponse, response_model_exclude_none=True)
+def modify_user(user_id: int, body: UserModify, request: Request, apikey: str | None = Header(None)):
+    ctx = ctx_of(request)
+    with ctx.db.write() as session:
+        moderator = registered(ctx, session, apikey, "changing a user")
+        return users.modify(ctx, session, moderator, users.get_user(session, user_id), body)
+
+
+@router.post("/kudos/transfer", response_model=KudosTransferResponse)
+def transfer_kudos(body: KudosTransferInput, request: Request, apikey: str | None = Header(None),
+                   idempotency_key: str | None = Header(None, max_length=100)):
+    ctx = ctx_of(request)
+    try:
+        with ctx.db.write() as session:
+            sender = registered(ctx, session, apikey, "a kudos transfer")
+            return KudosTransferResponse(
+                transferred=users.transfer(ctx, session, sender, body, idempotency_key))
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+    # A concurrent request with the same Idempotency-Key committed first: give its answer.
+    with ctx.db.read() as session:
+        sender = registered(ctx, session, apikey, "a kudos transfer")
+        done = session.get(IdempotencyKey, (sender.id, idempotency_key))
+        if done is None:
+            raise HordeError(409, "Conflict", "Idempotency-Key: a concurrent transfer failed; retry")
+        return KudosTransferResponse(**done.response)

@@ -1,0 +1,130 @@
+"""Worker routes: the AI Horde worker protocol (`/generate/pop`, `/generate/submit`) and the
+worker records (`/workers`)."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from sqlalchemy import select
+
+from api import workers
+from api.db.models import User, Worker
+from api.errors import HordeError
+from api.routes.deps import authenticate, ctx_of, rate_limited, registered
+from api.worker_schemas import (
+    ImagePopInput,
+    ImagePopResponse,
+    JobSubmitInput,
+    JobSubmitResponse,
+    WorkerDetails,
+    WorkerKudosDetails,
+    WorkerModify,
+    WorkerModifyResponse,
+)
+
+router = APIRouter(tags=["workers"])
+worker_limit = Depends(rate_limited("pop"))
+
+
+@router.post("/generate/pop", response_model=ImagePopResponse, response_model_exclude_none=True,
+             dependencies=[worker_limit])
+def generate_pop(body: ImagePopInput, request: Request, apikey: str | None = Header(None)):
+    ctx = ctx_of(request)
+    with ctx.db.read() as session:
+        user = registered(ctx, session, apikey, "a worker")
+    return workers.pop_image(ctx, user, body)
+
+
+@router.post("/generate/submit", response_model=JobSubmitResponse, dependencies=[worker_limit])
+def generate_submit(body: JobSubmitInput, request: Request, apikey: str | None = Header(None)):
+    ctx = ctx_of(request)
+    with ctx.db.read() as session:
+        user = registered(ctx, session, apikey, "a worker")
+    return JobSubmitResponse(reward=round(workers.submit_image(ctx, user, body), 2))
+
+
+def details(ctx, worker: Worker, owner: User, now: float) -> WorkerDetails:
+    s = ctx.settings
+    caps = worker.capabilities or {}
+    speed = worker.megapixelsteps_done / worker.seconds_working if worker.seconds_working else 0.0
+    online = now - worker.last_seen < s.stale_worker_seconds
+    return WorkerDetails(
+        type=worker.type, name=worker.name, id=worker.id, maintenance_mode=worker.maintenance,
+        bridge_agent=worker.bridge_agent or "unknown:0:unknown", online=online,
+        nsfw=worker.nsfw, trusted=worker.kind == "cluster" or owner.trusted,
+        flagged=owner.flagged,
+        img2img=caps.get("allow_img2img"), painting=caps.get("allow_painting"),
+        post_processing=caps.get("allow_post_processing"), lora=caps.get("allow_lora"),
+        controlnet=caps.get("allow_controlnet"), sdxl_controlnet=caps.get("allow_sdxl_controlnet"),
+        requests_fulfilled=worker.jobs_done, kudos_rewards=round(worker.kudos_earned, 2),
+        kudos_details=WorkerKudosDetails(generated=round(worker.kudos_earned, 2),
+                                         uptime=int(worker.uptime_seconds)),
+        performance=f"{speed:.2f} megapixelsteps per second", threads=worker.threads,
+        uptime=int(worker.uptime_seconds), uncompleted_jobs=worker.dropped_jobs,
+        max_pixels=worker.max_pixels, megapixelsteps_generated=int(worker.megapixelsteps_done),
+        info=worker.info, owner=f"{owner.username}#{owner.id}", models=list(worker.models or []),
+    )
+
+
+@router.get("/workers", response_model=list[WorkerDetails], response_model_by_alias=True,
+            response_model_exclude_none=True)
+def list_workers(request: Request, type: str = Query(""), name: str | None = Query(None)):
+    """Every worker, the cluster's own first. `type=` (empty, as horde-sdk sends it) is all."""
+    if type not in ("", "image", "text"):
+        raise HordeError(400, "BadRequest", "type: one of image, text")
+    ctx = ctx_of(request)
+    stmt = select(Worker, User).join(User, User.id == Worker.owner_id)
+    if type:
+        stmt = stmt.where(Worker.type == type)
+    if name:
+        stmt = stmt.where(Worker.name == name)
+    now = time.time()
+    with ctx.db.read() as session:
+        rows = session.execute(stmt.order_by(Worker.kind, Worker.name)).all()
+        return [details(ctx, w, u, now) for w, u in rows]
+
+
+def _load(session, worker_id: str) -> tuple[Worker, User]:
+    row = session.execute(select(Worker, User).join(User, User.id == Worker.owner_id)
+                          .where(Worker.id == worker_id)).first()
+    if row is None:
+        raise HordeError(404, "WorkerNotFound", f"id: no worker {worker_id}")
+    return row[0], row[1]
+
+
+@router.get("/workers/{worker_id}", response_model=WorkerDetails, response_model_by_alias=True,
+            response_model_exclude_none=True)
+def get_worker(worker_id: str, request: Request):
+    ctx = ctx_of(request)
+    with ctx.db.read() as session:
+        worker, owner = _load(session, worker_id)
+        return details(ctx, worker, owner, time.time())
+
+
+@router.put("/workers/{worker_id}", response_model=WorkerModifyResponse,
+            response_model_exclude_none=True)
+def modify_worker(worker_id: str, body: WorkerModify, request: Request,
+                  apikey: str | None = Header(None)):
+    """Its owner or a moderator may put a worker into maintenance (or take it out), set its
+    info or rename it."""
+    ctx = ctx_of(request)
+    with ctx.db.write() as session:
+        user = registered(ctx, session, apikey, "changing a worker")
+        worker, _owner = _load(session, worker_id)
+        if worker.owner_id != user.id and not user.moderator:
+            raise HordeError(403, "NotOwner", "apikey: only the worker's owner or a moderator")
+        out = WorkerModifyResponse()
+        if body.maintenance is not None:
+            worker.maintenance = out.maintenance = body.maintenance
+            worker.maintenance_msg = body.maintenance_msg if body.maintenance else None
+            if not body.maintenance:
+                worker.consecutive_drops = 0
+        if body.info is not None:
+            worker.info = out.info = body.info
+        if body.name is not None and body.name != worker.name:
+            taken = session.execute(select(Worker.id).where(Worker.name == body.name)).first()
+            if taken:
+                raise HordeError(400, "NameAlreadyExists", f"name: {body.name!r} is taken")
+            worker.name = out.name = body.name
+        return out
