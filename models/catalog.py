@@ -16,25 +16,36 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Family(str, Enum):
-    """The AI Horde's `baseline` names; one Serve deployment serves each family."""
+    """One Serve deployment serves each family. The image families are the AI Horde's
+    `baseline` names; the horde has no such names for text models, which are all one family
+    here (`llm`: causal language models run through transformers)."""
 
     stable_diffusion_1 = "stable_diffusion_1"
     stable_diffusion_xl = "stable_diffusion_xl"
     stable_cascade = "stable_cascade"
+    llm = "llm"
+
+    @property
+    def kind(self) -> Literal["image", "text"]:
+        """The AI Horde's model type, as in /v2/status/models?type=..."""
+        return "text" if self is Family.llm else "image"
 
     @property
     def native_side(self) -> int:
+        if self.kind != "image":
+            raise ValueError(f"{self.value} is not an image family; it has no native image side")
         return 512 if self is Family.stable_diffusion_1 else 1024
 
 
 class WeightsSource(BaseModel):
     """Where a checkpoint's weights come from. Exactly one way of loading applies per kind:
 
-    - `builtin`: a tiny random-weight model built in code (`models/tiny.py`), seeded, for tests
-      and the embedded demo.
-    - `pretrained`: `from_pretrained` on a Hugging Face repo id or a local diffusers folder.
+    - `builtin`: a tiny random-weight model built in code (`models/tiny.py`, or
+      `models/tiny_llm.py` for the llm family), seeded, for tests and the embedded demo.
+    - `pretrained`: `from_pretrained` on a Hugging Face repo id or a local folder (diffusers
+      pipeline folder for images; model + tokenizer folder for llm).
     - `single_file`: `from_single_file` on one `.safetensors` checkpoint (path or URL); `config`
-      names the diffusers folder or repo whose component configs describe it.
+      names the diffusers folder or repo whose component configs describe it. Images only.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -77,6 +88,28 @@ class ModelEntry(BaseModel):
     requirements: Requirements = Requirements()
     nsfw: bool = False
     description: str = ""
+    # Text models only (the AI Horde worker's limits): the longest context, prompt plus
+    # generated tokens, and the most tokens generated per request. None: the model's own
+    # position limit, and no limit beyond the context.
+    max_context_length: int | None = Field(default=None, ge=2)
+    max_length: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _check_family_fields(self) -> "ModelEntry":
+        if self.family is Family.llm:
+            w = self.weights
+            if w.kind == "single_file":
+                raise ValueError(f"{self.name}: llm weights must be builtin or pretrained, not single_file")
+            if w.config is not None or w.decoder_path is not None:
+                raise ValueError(f"{self.name}: config and decoder_path are for image models, not llm")
+            if self.requirements != Requirements():
+                raise ValueError(f"{self.name}: requirements are image sampling limits, not for llm")
+            if self.max_context_length is not None and self.max_length is not None \
+                    and self.max_length >= self.max_context_length:
+                raise ValueError(f"{self.name}: max_length must be below max_context_length")
+        elif self.max_context_length is not None or self.max_length is not None:
+            raise ValueError(f"{self.name}: max_context_length and max_length are for llm models only")
+        return self
 
 
 class Catalog(BaseModel):
