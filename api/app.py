@@ -16,7 +16,7 @@ from api.db import queue
 from api.errors import install_error_handlers
 from api.images import Context
 from api.ratelimit import RateLimiter
-from api.routes import generate, status, users, workers
+from api.routes import generate, status, texts, users, workers
 
 log = logging.getLogger("rayhorde.api")
 
@@ -88,7 +88,7 @@ def create_app(ctx: Context, on_submit: Callable[[], None] | None = None) -> Fas
     app.state.ctx = ctx
     app.state.on_submit = on_submit or (lambda: None)
     install_error_handlers(app)
-    for routes in (generate, workers, users, status):
+    for routes in (generate, texts, workers, users, status):
         app.include_router(routes.router, prefix="/api/v2")
     app.add_middleware(BodySizeLimit, limit=ctx.settings.max_body_bytes)
     return app

@@ -16,19 +16,13 @@ from dataclasses import dataclass
 
 from sqlalchemy import case, func, select, update
 
-from api.db import queue
+from api import admission
 from api.auth import ANONYMOUS_USER_ID
-from api.db.models import Generation, ModelStat, QueueEntry, Request, User, Worker
+from api.db import queue
+from api.db.models import Generation, ModelStat, QueueEntry, Request, User
 from api.db.session import Database
 from api.errors import HordeError
-from api.kudos import (
-    REQUEST_TAX,
-    UPFRONT_PIXELS,
-    UPFRONT_STEPS,
-    head_start_seconds,
-    image_cost,
-    needs_upfront_kudos,
-)
+from api.kudos import REQUEST_TAX, UPFRONT_PIXELS, UPFRONT_STEPS, image_cost, needs_upfront_kudos
 from api.ratelimit import RateLimiter
 from api.schemas import (
     ImageGeneration,
@@ -78,15 +72,19 @@ def _family(ctx: Context, body: ImageGenerateRequest) -> Family:
         entry = ctx.catalog.get(name)
         if entry is None:
             raise HordeError(400, "UnknownModel", f"models: {name!r} is not served here")
+        if entry.family.kind != "image":
+            raise HordeError(400, "UnknownModel",
+                             f"models: {name!r} is a text model: use /generate/text/async")
     families = {ctx.catalog.get(n).family for n in body.models}
     if len(families) > 1:
         raise HordeError(400, "MixedModelFamilies",
                          "models: all models of one request must be of one family")
     if families:
         return families.pop()
-    if not ctx.catalog.models:
+    image_models = [m for m in ctx.catalog.models if m.family.kind == "image"]
+    if not image_models:
         raise HordeError(400, "UnknownModel", "models: this cluster serves no image model")
-    return ctx.catalog.models[0].family
+    return image_models[0].family
 
 
 def price(ctx: Context, body: ImageGenerateRequest) -> float:
@@ -124,7 +122,7 @@ def submit(ctx: Context, user: User, body: ImageGenerateRequest, client_agent: s
     """Validate the request against the user's standing, then write it, its generations and
     their queue entries. Everything that can refuse it runs before the first write; the caller's
     transaction rolls back on any error, so a refused request leaves nothing behind."""
-    s, p = ctx.settings, body.params
+    p = body.params
     family = _family(ctx, body)
     warnings = requirement_warnings(ctx, body)
     kudos = image_cost(width=p.width, height=p.height, steps=p.steps, n=p.n, family=family)
@@ -142,22 +140,8 @@ def submit(ctx: Context, user: User, body: ImageGenerateRequest, client_agent: s
             warnings.append({"code": "EducationSFW", "message":
                              "nsfw, censor_nsfw: education accounts always get SFW images"})
         nsfw, censor_nsfw = False, True
-    cap = s.max_waiting_education if user.education else s.max_waiting_per_user
-    active = session.execute(
-        select(func.count()).select_from(
-            select(Generation.id).where(Generation.requester == requester,
-                                        Generation.state.in_(("waiting", "processing")))
-            .limit(cap + 1).subquery())
-    ).scalar_one()
-    if active + p.n > cap:
-        raise HordeError(429, "TooManyPrompts",
-                         f"params.n: {active} of your images are already queued and you may "
-                         f"have at most {cap}; wait for some to finish")
-    if body.workers:
-        known = set(session.execute(select(Worker.id).where(Worker.id.in_(body.workers))).scalars())
-        unknown = [w for w in body.workers if w not in known]
-        if unknown:
-            raise HordeError(400, "WorkerNotFound", f"workers: no worker with id {unknown[0]}")
+    admission.check_capacity(ctx, session, user, requester, p.n)
+    admission.check_workers(session, body.workers)
     positive, negative = body.split_prompt()
     now = time.time()
     req = Request(
@@ -171,16 +155,16 @@ def submit(ctx: Context, user: User, body: ImageGenerateRequest, client_agent: s
     )
     session.add(req)
     session.flush()
-    head_start = head_start_seconds(user.kudos, anonymous, s.seconds_per_kudos_decade,
-                                    s.anonymous_penalty_seconds)
     filters = queue.EntryFilters(
-        user_id=user.id, steps=p.steps, nsfw=nsfw, trusted_only=body.trusted_workers,
+        user_id=user.id, steps=p.steps, pixels=p.width * p.height,
+        megapixelsteps=p.width * p.height * p.steps / 1e6, nsfw=nsfw, trusted_only=body.trusted_workers,
         slow_ok=body.slow_workers, extra_slow_ok=body.extra_slow_workers, upfront=holds_upfront,
-        target_mode=(2 if body.worker_blacklist else 1) if body.workers else 0,
+        target_mode=admission.target_mode(body.workers, body.worker_blacklist),
         target_workers=tuple(body.workers),
     )
     tax = REQUEST_TAX / p.n
-    queue.enqueue(session, req, seeds_for(body), list(body.models), sort_key=now - head_start,
+    queue.enqueue(session, req, seeds_for(body), list(body.models),
+                  sort_key=now - admission.head_start(ctx, user),
                   filters=filters, reward=(kudos - REQUEST_TAX) / p.n, tax=tax)
     return req, warnings
 
@@ -275,9 +259,15 @@ def status(ctx: Context, session, request_id: str) -> RequestStatusStable:
 
 
 def cancel(ctx: Context, session, request_id: str) -> RequestStatusStable:
-    """Cancel what has not finished; return what has. A worker still busy with a cancelled
-    generation finds its claim gone when it submits."""
-    req = _load_request(session, request_id)
+    """Cancel what has not finished; return what has."""
+    cancel_request(session, request_id, "image")
+    return status(ctx, session, request_id)
+
+
+def cancel_request(session, request_id: str, kind: str) -> None:
+    """End a request's waiting and processing generations as cancelled. A worker still busy
+    with one finds its claim gone when it submits (AbortedGen)."""
+    req = _load_request(session, request_id, kind)
     G = Generation
     ended = session.execute(
         update(G).where(G.request_id == req.id, G.state.in_(("waiting", "processing")))
@@ -288,4 +278,3 @@ def cancel(ctx: Context, session, request_id: str) -> RequestStatusStable:
         session.execute(QueueEntry.__table__.delete().where(QueueEntry.generation_id.in_(ended)))
     req.cancelled = True
     session.flush()
-    return status(ctx, session, request_id)

@@ -61,3 +61,11 @@ def head_start_seconds(kudos: float, anonymous: bool, seconds_per_decade: float,
         return -anonymous_penalty
     magnitude = seconds_per_decade * math.log10(1 + abs(kudos))
     return max(magnitude if kudos >= 0 else -magnitude, -anonymous_penalty)
+
+
+def text_cost(*, max_length: int, max_context_length: int, n: int) -> float:
+    """Kudos for a text request of `n` generations. shared/horde-facts.md gives no text formula,
+    so this one is ours: a kudos per 100 tokens asked for, scaled up by the context the model
+    attends over (twice as much at 4096 tokens of context), plus the request tax."""
+    per_generation = max_length / 100 * (1 + max_context_length / 4096)
+    return round(per_generation * n + REQUEST_TAX, 2)

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     # Workers.
     stale_worker_seconds: float = 300.0  # offline after this long without a pop
     slow_worker_mps: float = 0.3  # megapixelsteps per second below which a worker is slow
+    slow_worker_tps: float = 2.0  # tokens per second, for text workers
     max_consecutive_drops: int = 5  # expired jobs in a row before maintenance
     uptime_bonus_kudos: float = 50.0  # earned by a worker's owner ...
     uptime_bonus_seconds: float = 600.0  # ... per this much time online

@@ -21,6 +21,7 @@ from api.db import queue
 from api.db.models import Generation, User, Worker
 from api.errors import HordeError
 from api.images import Context
+from api.text_schemas import TextPopInput, TextPopResponse, TextSubmitInput
 from api.worker_schemas import (
     ImagePopInput,
     ImagePopResponse,
@@ -35,47 +36,56 @@ def image_key(request_id: str, generation_id: str) -> str:
     return f"images/{request_id}/{generation_id}.webp"
 
 
-def worker_for_pop(ctx: Context, session, user: User, body: ImagePopInput, kind: str,
-                   now: float) -> Worker:
-    """The caller's worker named `body.name`, created on its first pop, with what it declares
-    now; its uptime, and the uptime bonus when one falls due. A name belongs to the user who
-    first used it."""
+def worker_for_pop(ctx: Context, session, user: User, name: str, worker_type: str,
+                   declared: dict, now: float, kind: str = "http") -> Worker:
+    """The caller's worker `name`, created on its first pop, updated with what it `declared`
+    now (Worker columns); its uptime, and the uptime bonus when one falls due. A name belongs to
+    the user who first used it, and serves one type (image or text)."""
     s = ctx.settings
-    worker = session.execute(select(Worker).where(Worker.name == body.name)).scalar_one_or_none()
+    worker = session.execute(select(Worker).where(Worker.name == name)).scalar_one_or_none()
     if worker is None:
-        worker = Worker(id=str(uuid.uuid4()), name=body.name, owner_id=user.id, kind=kind,
-                        type="image", models=[], last_seen=now, created_at=now,
+        worker = Worker(id=str(uuid.uuid4()), name=name, owner_id=user.id, kind=kind,
+                        type=worker_type, models=[], last_seen=now, created_at=now,
                         last_bonus_at=now)
         session.add(worker)
         session.flush()
     elif worker.owner_id != user.id:
-        raise HordeError(403, "WrongCredentials",
-                         f"name: worker {body.name!r} belongs to another user")
+        raise HordeError(403, "WrongCredentials", f"name: worker {name!r} belongs to another user")
+    elif worker.type != worker_type:
+        raise HordeError(400, "WrongWorkerType",
+                         f"name: worker {name!r} is an {worker.type} worker; pick another name")
     if worker.maintenance:
         raise HordeError(403, "MaintenanceMode",
-                         f"worker {body.name!r} is in maintenance"
+                         f"worker {name!r} is in maintenance"
                          + (f" ({worker.maintenance_msg})" if worker.maintenance_msg else "")
                          + ": its owner can end it with PUT /api/v2/workers/{id}")
     online = now - worker.last_seen < s.stale_worker_seconds
     uptime = worker.uptime_seconds + (now - worker.last_seen if online else 0.0)
     bonus_due = online and now - worker.last_bonus_at >= s.uptime_bonus_seconds
     session.execute(update(Worker).where(Worker.id == worker.id).values(
-        models=list(body.models), max_pixels=body.max_pixels, nsfw=body.nsfw,
-        threads=body.threads, bridge_agent=body.bridge_agent[:200], last_seen=now,
-        uptime_seconds=uptime, last_bonus_at=now if bonus_due or not online else worker.last_bonus_at,
-        capabilities={k: getattr(body, k) for k in (
-            "allow_img2img", "allow_painting", "allow_post_processing", "allow_controlnet",
-            "allow_sdxl_controlnet", "allow_lora", "extra_slow_worker", "require_upfront_kudos")},
-    ))
+        **declared, last_seen=now, uptime_seconds=uptime,
+        last_bonus_at=now if bonus_due or not online else worker.last_bonus_at))
     if bonus_due and s.uptime_bonus_kudos:
         ledger.award(session, user.id, s.uptime_bonus_kudos, kind="uptime", ref=worker.id)
     return worker
 
 
+def is_slow(ctx: Context, worker: Worker) -> bool:
+    """Measured slower than requests with `slow_workers: false` accept (megapixelsteps per
+    second for image workers, tokens per second for text ones); unmeasured workers are not."""
+    if not worker.seconds_working:
+        return False
+    if worker.type == "text":
+        return worker.tokens_generated / worker.seconds_working < ctx.settings.slow_worker_tps
+    return worker.megapixelsteps_done / worker.seconds_working < ctx.settings.slow_worker_mps
+
+
+def priority_ids(usernames: list[str]) -> tuple[int, ...]:
+    return tuple(int(n.rpartition("#")[2]) for n in usernames)
+
+
 def capabilities(ctx: Context, user: User, worker: Worker, body: ImagePopInput,
                  models: list[str]) -> queue.Capabilities:
-    s = ctx.settings
-    speed = worker.megapixelsteps_done / worker.seconds_working if worker.seconds_working else None
     features = 0
     for allowed, feature in ((body.allow_img2img, queue.Feature.SOURCE_IMAGE),
                              (body.allow_painting, queue.Feature.PAINTING),
@@ -91,22 +101,38 @@ def capabilities(ctx: Context, user: User, worker: Worker, body: ImagePopInput,
         max_steps = max((x for x in limits if x is not None), default=None)
     return queue.Capabilities(
         worker_id=worker.id, models=models, max_pixels=body.max_pixels, nsfw=body.nsfw,
-        trusted=user.trusted, slow=speed is not None and speed < s.slow_worker_mps,
-        extra_slow=body.extra_slow_worker, require_upfront_kudos=body.require_upfront_kudos,
-        max_steps=max_steps, features=features, blacklist=tuple(body.blacklist),
-        priority_user_ids=tuple(int(n.rpartition("#")[2]) for n in body.priority_usernames))
+        trusted=user.trusted, slow=is_slow(ctx, worker), extra_slow=body.extra_slow_worker,
+        require_upfront_kudos=body.require_upfront_kudos, max_steps=max_steps,
+        features=features, blacklist=tuple(body.blacklist),
+        priority_user_ids=priority_ids(body.priority_usernames))
+
+
+def served_models(ctx: Context, user: User, models: list[str], kind: str):
+    """(the models a worker offers that this horde serves, a message naming the others). Only
+    a customizer's workers may offer models outside the catalog."""
+    served = [m for m in models
+              if (e := ctx.catalog.get(m)) and e.family.kind == kind or
+              (user.customizer and not e)]
+    unknown = [m for m in models if m not in served]
+    message = None
+    if unknown:
+        message = PopMessage(message=f"models: not served by this horde as {kind} models, "
+                                     f"ignored: {', '.join(unknown[:20])}", origin="rayhorde")
+    return served, ([message] if message else None)
 
 
 def pop_image(ctx: Context, user: User, body: ImagePopInput) -> ImagePopResponse:
     now = time.time()
-    served = [m for m in body.models if ctx.catalog.get(m) or user.customizer]
-    messages = None
-    unknown = [m for m in body.models if m not in served]
-    if unknown:
-        messages = [PopMessage(message=f"models: not served by this horde, ignored: "
-                                       f"{', '.join(unknown[:20])}", origin="rayhorde")]
+    served, messages = served_models(ctx, user, body.models, "image")
+    declared = {
+        "models": list(body.models), "max_pixels": body.max_pixels, "nsfw": body.nsfw,
+        "threads": body.threads, "bridge_agent": body.bridge_agent[:200],
+        "capabilities": {k: getattr(body, k) for k in (
+            "allow_img2img", "allow_painting", "allow_post_processing", "allow_controlnet",
+            "allow_sdxl_controlnet", "allow_lora", "extra_slow_worker", "require_upfront_kudos")},
+    }
     with ctx.db.write() as session:
-        worker = worker_for_pop(ctx, session, user, body, "http", now)
+        worker = worker_for_pop(ctx, session, user, body.name, "image", declared, now)
         caps = capabilities(ctx, user, worker, body, served)
         jobs = queue.claim_in(session, caps, body.amount, now, one_request=True)
         if not jobs:
@@ -136,23 +162,7 @@ def submit_image(ctx: Context, user: User, body: JobSubmitInput) -> float:
     """Record one generation's result, exactly once; returns the reward credited to `user`."""
     now = time.time()
     with ctx.db.write() as session:
-        row = session.execute(
-            select(Generation.state, Generation.claim_id, Generation.request_id,
-                   Generation.seed, Worker.id, Worker.name, Worker.owner_id)
-            .outerjoin(Worker, Worker.id == Generation.claimed_by)
-            .where(Generation.id == body.id)
-        ).first()
-        if row is None:
-            raise HordeError(404, "InvalidJobID", f"id: no generation {body.id}")
-        state, claim_id, request_id, seed, worker_id, worker_name, owner_id = row
-        if state == "done":
-            raise HordeError(400, "DuplicateGen", f"id: generation {body.id} was already submitted")
-        if state == "cancelled":
-            raise HordeError(400, "AbortedGen", f"id: generation {body.id} was cancelled by its requester")
-        if state != "processing" or owner_id != user.id:
-            raise HordeError(400, "RequestExpired",
-                             f"id: generation {body.id} is not held by your workers: its time to "
-                             "live ran out and it went back to the queue")
+        claim_id, worker_id, worker_name, seed, request_id = held_by(session, user, body.id)
         if body.state == "faulted":
             queue.release_in(session, [(body.id, claim_id)], f"worker {worker_name} reported a fault",
                              ctx.settings.max_attempts)
@@ -170,6 +180,29 @@ def submit_image(ctx: Context, user: User, body: JobSubmitInput) -> float:
         if not finished:  # another submit of the same job won the compare-and-set
             raise HordeError(400, "DuplicateGen", f"id: generation {body.id} was already submitted")
         return finished[0].reward
+
+
+def held_by(session, user: User, generation_id: str) -> tuple[str, str, str, int, str]:
+    """(claim id, worker id, worker name, seed, request id) of a generation one of `user`'s
+    workers holds now; otherwise the AI Horde's error for why not. One statement."""
+    row = session.execute(
+        select(Generation.state, Generation.claim_id, Generation.seed, Worker.id, Worker.name,
+               Worker.owner_id, Generation.request_id)
+        .outerjoin(Worker, Worker.id == Generation.claimed_by)
+        .where(Generation.id == generation_id)
+    ).first()
+    if row is None:
+        raise HordeError(404, "InvalidJobID", f"id: no generation {generation_id}")
+    state, claim_id, seed, worker_id, worker_name, owner_id, request_id = row
+    if state == "done":
+        raise HordeError(400, "DuplicateGen", f"id: generation {generation_id} was already submitted")
+    if state == "cancelled":
+        raise HordeError(400, "AbortedGen", f"id: generation {generation_id} was cancelled by its requester")
+    if state != "processing" or owner_id != user.id:
+        raise HordeError(400, "RequestExpired",
+                         f"id: generation {generation_id} is not held by your workers: its time "
+                         "to live ran out and it went back to the queue")
+    return claim_id, worker_id, worker_name, seed, request_id
 
 
 def _store_result(ctx: Context, body: JobSubmitInput, key: str) -> str:
@@ -205,3 +238,60 @@ def censored_placeholder(ctx: Context) -> str:
         Image.new("RGB", (64, 64), (128, 128, 128)).save(buf, format="WEBP")
         ctx.storage.put(CENSORED_PLACEHOLDER_KEY, buf.getvalue(), "image/webp")
     return CENSORED_PLACEHOLDER_KEY
+
+
+def pop_text(ctx: Context, user: User, body: TextPopInput) -> TextPopResponse:
+    """The text worker protocol's pop: like an image pop, with the worker's token limits
+    instead of pixels. Chat requests (OpenAI messages) stay with the cluster's own deployment."""
+    now = time.time()
+    served, messages = served_models(ctx, user, body.models, "text")
+    declared = {"models": list(body.models), "max_length": body.max_length,
+                "max_context_length": body.max_context_length, "nsfw": body.nsfw,
+                "threads": body.threads, "bridge_agent": body.bridge_agent[:200],
+                "capabilities": {"extra_slow_worker": body.extra_slow_worker,
+                                 "require_upfront_kudos": body.require_upfront_kudos}}
+    with ctx.db.write() as session:
+        worker = worker_for_pop(ctx, session, user, body.name, "text", declared, now)
+        caps = queue.Capabilities(
+            worker_id=worker.id, models=served, kind="text", max_length=body.max_length,
+            max_context_length=body.max_context_length, nsfw=body.nsfw, trusted=user.trusted,
+            slow=is_slow(ctx, worker), extra_slow=body.extra_slow_worker,
+            require_upfront_kudos=body.require_upfront_kudos, blacklist=tuple(body.blacklist),
+            features=queue.ALL_FEATURES & ~queue.Feature.CHAT,
+            priority_user_ids=priority_ids(body.priority_usernames))
+        jobs = queue.claim_in(session, caps, body.amount, now, one_request=True)
+        if not jobs:
+            return TextPopResponse(payload={}, ids=[], messages=messages,
+                                   skipped=queue.skipped_in(session, caps))
+    first = jobs[0]
+    payload = {"prompt": first.prompt, "n": len(jobs),
+               **{k: v for k, v in first.params.items() if k in TEXT_PAYLOAD_KEYS}}
+    ids = [j.generation_id for j in jobs]
+    return TextPopResponse(payload=payload, ids=ids, id=ids[0], model=first.model,
+                           ttl=first.ttl, skipped={}, messages=messages)
+
+
+# What a text pop hands a worker of a request's stored parameters (horde-sdk's
+# ModelPayloadKobold field names).
+TEXT_PAYLOAD_KEYS = ("max_length", "max_context_length", "temperature", "top_p", "top_k",
+                     "typical", "min_p", "rep_pen", "rep_pen_range", "stop_sequence")
+
+
+def submit_text(ctx: Context, user: User, body: TextSubmitInput) -> float:
+    """Record one text generation's result, exactly once; returns the reward."""
+    now = time.time()
+    with ctx.db.write() as session:
+        claim_id, worker_id, worker_name, seed, _ = held_by(session, user, body.id)
+        if body.state == "faulted":
+            queue.release_in(session, [(body.id, claim_id)], f"worker {worker_name} reported a fault",
+                             ctx.settings.max_attempts)
+            return 0.0
+        censored = body.state in ("censored", "csam")
+        finished = queue.finish_in(session, [queue.Result(
+            generation_id=body.id, claim_id=claim_id, storage_key=None, seed=seed,
+            worker_id=worker_id, worker_name=worker_name, owner_id=user.id, censored=censored,
+            gen_metadata=list(body.gen_metadata), text="" if body.state == "csam" else body.generation)],
+            now)
+        if not finished:
+            raise HordeError(400, "DuplicateGen", f"id: generation {body.id} was already submitted")
+        return finished[0].reward

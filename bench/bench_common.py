@@ -48,7 +48,9 @@ def fill(db: Database, waiting: int, model: str = "tiny-sd15", batch: int = 5000
                 s.add(req)
                 s.flush()
                 queue.enqueue(s, req, list(range(n)), [model], sort_key=now - made % 97,
-                              filters=queue.EntryFilters(user_id=0, steps=PARAMS["steps"]),
+                              filters=queue.EntryFilters(
+                                  user_id=0, steps=PARAMS["steps"], pixels=512 * 512,
+                                  megapixelsteps=512 * 512 * PARAMS["steps"] / 1e6),
                               reward=1.0, tax=1.0 / n)
                 made += n
                 if made >= waiting:

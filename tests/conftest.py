@@ -22,7 +22,7 @@ from models.catalog import load_catalog
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POSTGRES_URL = os.environ.get("RAYHORDE_TEST_POSTGRES_URL",
                               "postgresql://postgres@127.0.0.1:5432/test")
-TINY_MODELS = ["tiny-sd15", "tiny-sdxl", "tiny-cascade"]
+TINY_MODELS = ["tiny-sd15", "tiny-sdxl", "tiny-cascade", "tiny-llm"]
 
 
 def _reset_postgres(url: str) -> Database:
@@ -130,6 +130,9 @@ def add_request(db: Database, *, n=1, models=("tiny-sd15",), priority=0.0, creat
         s.add(req)
         s.flush()
         queue.enqueue(s, req, list(seeds or range(n)), list(models), sort_key=created - priority,
-                      filters=queue.EntryFilters(user_id=user_id, steps=steps, **(filters or {})),
+                      filters=queue.EntryFilters(user_id=user_id, steps=steps,
+                                                 pixels=width * height,
+                                                 megapixelsteps=width * height * steps / 1e6,
+                                                 **(filters or {})),
                       reward=(kudos - 1) / n, tax=1 / n)
         return req.id

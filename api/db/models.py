@@ -103,6 +103,9 @@ class Worker(Base):
     created_at: Mapped[float] = mapped_column(Double, default=time.time)
     # What it declared at its last pop.
     max_pixels: Mapped[int] = mapped_column(BigInteger, default=512 * 512)
+    max_length: Mapped[int] = mapped_column(Integer, default=0)  # text workers
+    max_context_length: Mapped[int] = mapped_column(Integer, default=0)
+    tokens_generated: Mapped[int] = mapped_column(BigInteger, default=0)
     nsfw: Mapped[bool] = mapped_column(Boolean, default=False)
     threads: Mapped[int] = mapped_column(Integer, default=1)
     bridge_agent: Mapped[str] = mapped_column(String(200), default="")
@@ -189,6 +192,11 @@ class Generation(Base):
     kudos: Mapped[float] = mapped_column(Double, default=0.0)
     tax: Mapped[float] = mapped_column(Double, default=0.0)
     megapixelsteps: Mapped[float] = mapped_column(Double, default=0.0)
+    # Text generations: the result (kept here, not in object storage) and its token counts.
+    text: Mapped[str | None] = mapped_column(Text, nullable=True)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    finish_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
     __table_args__ = (Index("ix_generations_state_deadline", "state", "deadline"),
                       Index("ix_generations_requester_state", "requester", "state"),
@@ -227,6 +235,11 @@ class QueueEntry(Base):
     # those (comma-joined worker ids; UUIDs, so a substring match is an exact one).
     target_mode: Mapped[int] = mapped_column(Integer, default=0)
     target_workers: Mapped[str] = mapped_column(String(200), default="")
+    # "image" or "text": a worker only gets its own kind. Text requests' sizes, checked
+    # against a text worker's limits: tokens to generate and the whole context.
+    kind: Mapped[str] = mapped_column(String(8), default="image")
+    max_length: Mapped[int] = mapped_column(Integer, default=0)
+    max_context_length: Mapped[int] = mapped_column(Integer, default=0)
 
     __table_args__ = (
         Index("ix_queue_claim", "model", "sort_key", "id"),

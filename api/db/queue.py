@@ -40,6 +40,7 @@ class Feature(IntFlag):
     CONTROLNET = 8
     SDXL_CONTROLNET = 16
     LORA = 32
+    CHAT = 64  # a chat (messages) text request: the cluster's own deployment renders it
 
 
 ALL_FEATURES = int(sum(Feature))
@@ -47,11 +48,15 @@ ALL_FEATURES = int(sum(Feature))
 FEATURE_SKIP_REASON = {Feature.SOURCE_IMAGE: "img2img", Feature.PAINTING: "painting",
                        Feature.POST_PROCESSING: "post-processing",
                        Feature.CONTROLNET: "controlnet", Feature.SDXL_CONTROLNET: "controlnet",
-                       Feature.LORA: "lora"}
+                       Feature.LORA: "lora", Feature.CHAT: "models"}
+
+
+TEXT_TTL = 150
 
 
 def job_ttl(width: int, height: int, steps: int, controlnet: bool = False) -> int:
-    """Seconds a claimed job may take before it returns to the queue (the AI Horde's rule)."""
+    """Seconds a claimed image job may take before it returns to the queue (the AI Horde's
+    rule; a text job has TEXT_TTL)."""
     ttl = max(150.0, 30 + steps * 2 * (width * height / 512**2))
     return int(ttl * 2 if controlnet else ttl)
 
@@ -63,7 +68,10 @@ class Capabilities:
 
     worker_id: str
     models: list[str]
+    kind: str = "image"  # "text": text jobs only
     max_pixels: int = 3072 * 3072
+    max_length: int = 0  # text workers: the most tokens it generates ...
+    max_context_length: int = 0  # ... and the longest context it takes
     nsfw: bool = True
     trusted: bool = False
     slow: bool = False  # measured slower than the `slow_workers: false` requests accept
@@ -95,6 +103,7 @@ class ClaimedJob:
     censor_nsfw: bool
     r2: bool
     shared: bool
+    kind: str = "image"
 
 
 @dataclass
@@ -102,7 +111,12 @@ class EntryFilters:
     """A request's answers to the rules, written on each of its queue entries."""
 
     user_id: int
-    steps: int
+    steps: int = 0
+    kind: str = "image"
+    pixels: int = 0
+    megapixelsteps: float = 0.0
+    max_length: int = 0  # text
+    max_context_length: int = 0  # text
     nsfw: bool = False
     trusted_only: bool = False
     slow_ok: bool = True
@@ -118,8 +132,7 @@ def enqueue(session, request: Request, seeds: list[int], models: list[str], sort
     """Insert the generations of a new request and their queue entries: two statements
     whatever `n` and the number of models. `reward` and `tax` are per generation."""
     gen_ids = [str(uuid.uuid4()) for _ in seeds]
-    pixels = request.params["width"] * request.params["height"]
-    mps = pixels * filters.steps / 1e6
+    mps = filters.megapixelsteps
     session.execute(G.insert(), [
         {"id": gid, "request_id": request.id, "position": i, "state": "waiting", "seed": seed,
          "attempts": 0, "censored": False, "gen_metadata": [], "requester": request.requester,
@@ -127,8 +140,9 @@ def enqueue(session, request: Request, seeds: list[int], models: list[str], sort
         for i, (gid, seed) in enumerate(zip(gen_ids, seeds))
     ])
     common = {
-        "sort_key": sort_key, "pixels": pixels, "megapixelsteps": mps,
-        "steps": filters.steps, "user_id": filters.user_id, "nsfw": filters.nsfw,
+        "sort_key": sort_key, "pixels": filters.pixels, "megapixelsteps": mps,
+        "steps": filters.steps, "kind": filters.kind, "max_length": filters.max_length,
+        "max_context_length": filters.max_context_length, "user_id": filters.user_id, "nsfw": filters.nsfw,
         "trusted_only": filters.trusted_only, "slow_ok": filters.slow_ok,
         "extra_slow_ok": filters.extra_slow_ok, "upfront": filters.upfront,
         "features": filters.features, "target_mode": filters.target_mode,
@@ -146,7 +160,7 @@ def _rules(caps: Capabilities) -> list[tuple[str, object]]:
     AI Horde reports them. Written against Q (queue_entries) and R (requests)."""
     listed = Q.c.target_workers.contains(caps.worker_id, autoescape=True)
     rules: list[tuple[str, object]] = [
-        ("models", Q.c.model.in_([*caps.models, ANY_MODEL])),
+        ("models", and_(Q.c.model.in_([*caps.models, ANY_MODEL]), Q.c.kind == caps.kind)),
         ("worker_id", or_(Q.c.target_mode == 0, and_(Q.c.target_mode == 1, listed),
                           and_(Q.c.target_mode == 2, not_(listed)))),
         ("max_pixels", Q.c.pixels <= caps.max_pixels),
@@ -159,6 +173,9 @@ def _rules(caps: Capabilities) -> list[tuple[str, object]]:
         ("blacklist", and_(true(), *[not_(func.lower(R.c.prompt).contains(w.lower(), autoescape=True))
                                      for w in caps.blacklist])),
     ]
+    if caps.kind == "text":
+        rules += [("max_context_length", Q.c.max_context_length <= caps.max_context_length),
+                  ("max_length", Q.c.max_length <= caps.max_length)]
     for feature in Feature:
         if not caps.features & feature:
             rules.append((FEATURE_SKIP_REASON[feature], Q.c.features.op("&")(int(feature)) == 0))
@@ -167,7 +184,7 @@ def _rules(caps: Capabilities) -> list[tuple[str, object]]:
 
 _JOB_COLUMNS = (Q.c.generation_id, Q.c.model, Q.c.sort_key, Q.c.id, G.c.seed, G.c.position,
                 G.c.attempts, G.c.kudos, R.c.id, R.c.prompt, R.c.negative_prompt, R.c.params,
-                R.c.user_id, R.c.nsfw, R.c.censor_nsfw, R.c.r2, R.c.shared)
+                R.c.user_id, R.c.nsfw, R.c.censor_nsfw, R.c.r2, R.c.shared, Q.c.kind)
 
 
 def claim(db: Database, caps: Capabilities, limit: int, now: float | None = None,
@@ -212,20 +229,21 @@ def claim_in(session, caps: Capabilities, limit: int, now: float,
     chosen: dict[str, ClaimedJob] = {}
     for row in sorted(rows, key=lambda r: (r[0], r[3], r[4])):
         (_tier, gen_id, model, _key, _qid, seed, position, attempts, kudos, request_id,
-         prompt, negative, params, user_id, nsfw, censor, r2, shared) = row
+         prompt, negative, params, user_id, nsfw, censor, r2, shared, kind) = row
         if gen_id in chosen:
             continue
         if one_request and chosen:
             first = next(iter(chosen.values()))
             if request_id != first.request_id or seed != (first.seed + len(chosen)) % 2**32:
                 continue
-        ttl = job_ttl(params["width"], params["height"], params["steps"])
+        ttl = (TEXT_TTL if kind == "text"
+               else job_ttl(params["width"], params["height"], params["steps"]))
         chosen[gen_id] = ClaimedJob(
             generation_id=gen_id, claim_id=str(uuid.uuid4()), request_id=request_id,
             model=caps.models[0] if model == ANY_MODEL else model, seed=seed,
             position=position, prompt=prompt, negative_prompt=negative, params=params,
             deadline=now + ttl, ttl=ttl, attempts=attempts + 1, kudos=kudos,
-            user_id=user_id, nsfw=nsfw, censor_nsfw=censor, r2=r2, shared=shared)
+            user_id=user_id, nsfw=nsfw, censor_nsfw=censor, r2=r2, shared=shared, kind=kind)
         if len(chosen) == limit:
             break
     jobs = list(chosen.values())
@@ -349,6 +367,11 @@ class Result:
     owner_id: int  # earns the reward
     censored: bool = False
     gen_metadata: list = field(default_factory=list)
+    # Text results.
+    text: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -376,7 +399,9 @@ def finish_in(session, results: list[Result], now: float) -> list[Finished]:
                    G.c.state == "processing")
             .values(state="done", storage_key=r.storage_key, finished_at=now, seed=r.seed,
                     worker_id=r.worker_id, worker_name=r.worker_name, censored=r.censored,
-                    gen_metadata=r.gen_metadata, claim_id=None, deadline=None)
+                    gen_metadata=r.gen_metadata, claim_id=None, deadline=None, text=r.text,
+                    prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                    finish_reason=r.finish_reason)
             .returning(G.c.model, G.c.started_at, G.c.kudos, G.c.tax, G.c.user_id,
                        G.c.megapixelsteps)
         ).first()
@@ -395,8 +420,10 @@ def finish_in(session, results: list[Result], now: float) -> list[Finished]:
                  (r.owner_id, g["kudos"], "reward")]
         if g["tax"]:
             rows.append((horde, g["tax"], "tax"))
-        w = per_worker.setdefault(r.worker_id, {"jobs": 0, "mps": 0.0, "kudos": 0.0, "secs": 0.0})
+        w = per_worker.setdefault(r.worker_id, {"jobs": 0, "mps": 0.0, "kudos": 0.0, "secs": 0.0,
+                                                "tokens": 0})
         w["jobs"] += 1
+        w["tokens"] += r.completion_tokens or 0
         w["mps"] += g["megapixelsteps"]
         w["kudos"] += g["kudos"]
         w["secs"] += now - (g["started_at"] or now)
@@ -406,7 +433,8 @@ def finish_in(session, results: list[Result], now: float) -> list[Finished]:
             jobs_done=W.c.jobs_done + w["jobs"],
             megapixelsteps_done=W.c.megapixelsteps_done + w["mps"],
             kudos_earned=W.c.kudos_earned + w["kudos"],
-            seconds_working=W.c.seconds_working + w["secs"], consecutive_drops=0))
+            seconds_working=W.c.seconds_working + w["secs"],
+            tokens_generated=W.c.tokens_generated + w["tokens"], consecutive_drops=0))
     return [Finished(r.generation_id, g["kudos"]) for r, g in done]
 
 

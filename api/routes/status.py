@@ -41,8 +41,6 @@ def live_capacity(ctx, session, now: float) -> dict[str, int]:
 @router.get("/status/models", response_model=list[ActiveModel])
 def status_models(request: Request, type: str = Query("image", pattern="^(image|text)$")):
     ctx = ctx_of(request)
-    if type == "text":
-        return []
     now = time.time()
     with ctx.db.read() as session:
         # One grouped read over the waiting queue, one over the speed table, one over workers.
@@ -58,13 +56,15 @@ def status_models(request: Request, type: str = Query("image", pattern="^(image|
         capacity = live_capacity(ctx, session, now)
     out = []
     for entry in ctx.catalog.models:
+        if entry.family.kind != type:
+            continue
         jobs, mps = waiting.get(entry.name, (0, 0.0))
         stat = speed.get(entry.name)
         per_image = stat.ewma_interval if stat else 0.0
         out.append(ActiveModel(
             name=entry.name, count=capacity.get(entry.name, 0),
             performance=round(1 / stat.ewma_seconds, 3) if stat and stat.ewma_seconds else 0.0,
-            queued=round(mps, 3), jobs=float(jobs), eta=int(jobs * per_image), type="image",
+            queued=round(mps, 3), jobs=float(jobs), eta=int(jobs * per_image), type=type,
         ))
     return out
 

@@ -157,7 +157,7 @@ class WorkerProtocolMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.held)
     @rule(data=st.data(), fault=st.booleans())
     def submit(self, data, fault):
-        gid = data.draw(st.sampled_from(sorted(self.held)))
+        gid = data.draw(st.sampled_from(list(self.held)))  # pop order: ids are random
         who = self.held.pop(gid)
         if not fault:
             self.ctx.storage.put(workers.image_key(_request_of(self.ctx, gid), gid), WEBP, "image/webp")
@@ -171,7 +171,7 @@ class WorkerProtocolMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.held)
     @rule(data=st.data())
     def submit_twice(self, data):
-        gid = data.draw(st.sampled_from(sorted(self.held)))
+        gid = data.draw(st.sampled_from(list(self.held)))  # pop order: ids are random
         who = self.held.pop(gid)
         self.ctx.storage.put(workers.image_key(_request_of(self.ctx, gid), gid), WEBP, "image/webp")
         body = JobSubmitInput(id=gid, generation="R2", state="ok", seed=3)

@@ -1,0 +1,48 @@
+"""What every kind of request passes before it is queued (images, horde text, OpenAI): the
+requester's concurrency cap, the workers it names, its place in the queue."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from api.auth import ANONYMOUS_USER_ID
+from api.db.models import Generation, User, Worker
+from api.errors import HordeError
+from api.kudos import head_start_seconds
+
+
+def check_capacity(ctx, session, user: User, requester: str, n: int) -> None:
+    """Refuse (429 TooManyPrompts) when `n` more generations would take the requester over
+    its cap. One statement, reading at most cap + 1 index entries."""
+    s = ctx.settings
+    cap = s.max_waiting_education if user.education else s.max_waiting_per_user
+    active = session.execute(
+        select(func.count()).select_from(
+            select(Generation.id).where(Generation.requester == requester,
+                                        Generation.state.in_(("waiting", "processing")))
+            .limit(cap + 1).subquery())
+    ).scalar_one()
+    if active + n > cap:
+        raise HordeError(429, "TooManyPrompts",
+                         f"params.n: {active} of your generations are already queued and you "
+                         f"may have at most {cap}; wait for some to finish")
+
+
+def check_workers(session, workers: list[str]) -> None:
+    """The workers a request names must exist (one statement, only when it names some)."""
+    if workers:
+        known = set(session.execute(select(Worker.id).where(Worker.id.in_(workers))).scalars())
+        unknown = [w for w in workers if w not in known]
+        if unknown:
+            raise HordeError(400, "WorkerNotFound", f"workers: no worker with id {unknown[0]}")
+
+
+def target_mode(workers: list[str], blacklist: bool) -> int:
+    """queue_entries.target_mode for a request's `workers` and `worker_blacklist`."""
+    return (2 if blacklist else 1) if workers else 0
+
+
+def head_start(ctx, user: User) -> float:
+    s = ctx.settings
+    return head_start_seconds(user.kudos, user.id == ANONYMOUS_USER_ID,
+                              s.seconds_per_kudos_decade, s.anonymous_penalty_seconds)

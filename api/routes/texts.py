@@ -1,0 +1,76 @@
+"""Text generation routes of the AI Horde API (`/generate/text/...`): requests and the text
+worker protocol."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from api import images, texts, workers
+from api.routes.deps import authenticate, client_agent, client_ip, ctx_of, rate_limited, registered, requester_of
+from api.schemas import RequestAsyncResponse
+from api.text_schemas import TextGenerateRequest, TextPopInput, TextPopResponse, TextStatus, TextSubmitInput
+from api.worker_schemas import JobSubmitResponse
+
+router = APIRouter(tags=["text"])
+
+
+@router.post("/generate/text/async", status_code=202, response_model=RequestAsyncResponse,
+             response_model_exclude_none=True, dependencies=[Depends(rate_limited("submit"))])
+async def text_async(body: TextGenerateRequest, request: Request, apikey: str | None = Header(None)):
+    ctx = ctx_of(request)
+    if body.dry_run:
+        kudos = await run_in_threadpool(_price, ctx, body, apikey)
+        return JSONResponse({"kudos": kudos}, status_code=200)
+    req, warnings = await run_in_threadpool(_submit, ctx, body, apikey, client_agent(request),
+                                            client_ip(request))
+    request.app.state.on_submit()
+    return RequestAsyncResponse(id=req.id, kudos=req.kudos, warnings=warnings or None)
+
+
+def _price(ctx, body: TextGenerateRequest, apikey: str | None) -> float:
+    with ctx.db.read() as session:
+        authenticate(ctx, session, apikey)
+        return texts.price(ctx, body)
+
+
+def _submit(ctx, body: TextGenerateRequest, apikey: str | None, agent: str, ip: str):
+    with ctx.db.write() as session:
+        user = authenticate(ctx, session, apikey)
+        return texts.submit_horde(ctx, session, user, body, requester_of(user, ip), agent)
+
+
+@router.get("/generate/text/status/{request_id}", response_model=TextStatus,
+            dependencies=[Depends(rate_limited("poll"))])
+def text_status(request_id: str, request: Request):
+    ctx = ctx_of(request)
+    with ctx.db.read() as session:
+        return texts.status(ctx, session, request_id)
+
+
+@router.delete("/generate/text/status/{request_id}", response_model=TextStatus,
+               dependencies=[Depends(rate_limited("poll"))])
+def text_cancel(request_id: str, request: Request):
+    ctx = ctx_of(request)
+    with ctx.db.write() as session:
+        images.cancel_request(session, request_id, "text")
+        return texts.status(ctx, session, request_id)
+
+
+@router.post("/generate/text/pop", response_model=TextPopResponse, response_model_exclude_none=True,
+             dependencies=[Depends(rate_limited("pop"))])
+def text_pop(body: TextPopInput, request: Request, apikey: str | None = Header(None)):
+    ctx = ctx_of(request)
+    with ctx.db.read() as session:
+        user = registered(ctx, session, apikey, "a worker")
+    return workers.pop_text(ctx, user, body)
+
+
+@router.post("/generate/text/submit", response_model=JobSubmitResponse,
+             dependencies=[Depends(rate_limited("pop"))])
+def text_submit(body: TextSubmitInput, request: Request, apikey: str | None = Header(None)):
+    ctx = ctx_of(request)
+    with ctx.db.read() as session:
+        user = registered(ctx, session, apikey, "a worker")
+    return JobSubmitResponse(reward=round(workers.submit_text(ctx, user, body), 2))
