@@ -16,7 +16,7 @@ from api.db import queue
 from api.errors import install_error_handlers
 from api.images import Context
 from api.ratelimit import RateLimiter
-from api.routes import generate, status, texts, users, workers
+from api.routes import generate, openai, status, texts, users, workers
 
 log = logging.getLogger("rayhorde.api")
 
@@ -76,7 +76,10 @@ async def sweep_expired(ctx: Context) -> None:
             log.exception("sweeping expired claims failed; retrying")
 
 
-def create_app(ctx: Context, on_submit: Callable[[], None] | None = None) -> FastAPI:
+def create_app(ctx: Context, on_submit: Callable[[], None] | None = None,
+               follow: Callable | None = None) -> FastAPI:
+    """`on_submit` is called after each queued request (to wake the dispatcher); `follow(id)`,
+    when given, streams a generation's text as the cluster generates it (OpenAI streaming)."""
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         sweeper = asyncio.create_task(sweep_expired(ctx))
@@ -87,9 +90,11 @@ def create_app(ctx: Context, on_submit: Callable[[], None] | None = None) -> Fas
                   openapi_url="/api/openapi.json", lifespan=lifespan)
     app.state.ctx = ctx
     app.state.on_submit = on_submit or (lambda: None)
+    app.state.follow = follow
     install_error_handlers(app)
     for routes in (generate, texts, workers, users, status):
         app.include_router(routes.router, prefix="/api/v2")
+    app.include_router(openai.router)
     app.add_middleware(BodySizeLimit, limit=ctx.settings.max_body_bytes)
     return app
 

@@ -40,25 +40,37 @@ def _describe(errors: list[dict]) -> tuple[str, dict[str, str]]:
     return message, details
 
 
+def _answer(req: Request, status: int, message: str, rc: str, headers: dict | None = None,
+            errors: dict | None = None) -> JSONResponse:
+    """The horde's error shape, or OpenAI's under /v1 (what OpenAI clients parse)."""
+    if req.url.path.startswith("/v1/"):
+        param = message.split(":", 1)[0] if ":" in message else None
+        body = {"error": {"message": message, "type": "invalid_request_error" if status < 500
+                          else "server_error", "param": param, "code": rc}}
+    else:
+        body = {"message": message, "rc": rc}
+        if errors:
+            body["errors"] = errors
+    return JSONResponse(body, status, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HordeError)
-    async def _horde(_req: Request, exc: HordeError):
-        return JSONResponse({"message": exc.message, "rc": exc.rc}, exc.status, headers=exc.headers)
+    async def _horde(req: Request, exc: HordeError):
+        return _answer(req, exc.status, exc.message, exc.rc, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_req: Request, exc: RequestValidationError):
+    async def _validation(req: Request, exc: RequestValidationError):
         message, details = _describe(exc.errors())
-        return JSONResponse(
-            {"message": message, "rc": "BadRequest", "errors": details}, status_code=400
-        )
+        return _answer(req, 400, message, "BadRequest", errors=details)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, exc: StarletteHTTPException):
+    async def _http(req: Request, exc: StarletteHTTPException):
         rc = {404: "NotFound", 405: "MethodNotAllowed", 413: "PayloadTooLarge"}.get(
             exc.status_code, "HTTPError")
-        return JSONResponse({"message": str(exc.detail), "rc": rc}, exc.status_code)
+        return _answer(req, exc.status_code, str(exc.detail), rc)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_req: Request, exc: Exception):
+    async def _unexpected(req: Request, exc: Exception):
         log.exception("unhandled error")
-        return JSONResponse({"message": "Internal server error", "rc": "InternalError"}, 500)
+        return _answer(req, 500, "Internal server error", "InternalError")

@@ -31,5 +31,10 @@ class ApiIngress:
         except Exception:
             log.warning("could not wake the dispatcher", exc_info=True)
 
+    def _follow(self, generation_id: str):
+        """The dispatcher's stream of a generation's text (an async iterator of deltas)."""
+        return self.dispatcher.options(stream=True).follow.remote(generation_id)
+
     def __serve_build_asgi_app__(self):
-        return create_app(self.ctx, on_submit=self._wake_dispatcher)
+        return create_app(self.ctx, on_submit=self._wake_dispatcher,
+                          follow=self._follow if self.dispatcher is not None else None)

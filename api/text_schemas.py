@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.schemas import RequestStatusCheck
+from api.worker_schemas import PopMessage
 
 
 class _In(BaseModel):
@@ -134,7 +135,7 @@ class TextPopResponse(BaseModel):
     softprompt: str | None = None
     model: str | None = None
     ttl: int | None = None
-    messages: list[dict[str, Any]] | None = None
+    messages: list[PopMessage] | None = None
 
 
 class TextSubmitInput(_In):

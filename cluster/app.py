@@ -49,6 +49,7 @@ def _absolute(settings: Settings) -> Settings:
 
 def family_deployments():
     from deployments.cascade import CascadeDeployment
+    from deployments.llm import LLMDeployment
     from deployments.sd15 import SD15Deployment
     from deployments.sdxl import SDXLDeployment
 
@@ -56,6 +57,7 @@ def family_deployments():
         Family.stable_diffusion_1: SD15Deployment,
         Family.stable_diffusion_xl: SDXLDeployment,
         Family.stable_cascade: CascadeDeployment,
+        Family.llm: LLMDeployment,
     }
 
 

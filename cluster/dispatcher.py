@@ -25,10 +25,12 @@ from api.db.models import Worker
 from api.db.session import get_database
 from api.settings import Settings
 from api.storage import make_storage
+from models.catalog import Family
 
 log = logging.getLogger("ray.serve")
 
 REPLICA_COUNT_SECONDS = 10.0
+UNLIMITED = 2**31 - 1  # text limits are checked against the catalog when requests arrive
 
 
 def cluster_worker(family: str) -> tuple[str, str]:
@@ -45,6 +47,7 @@ class FamilyRoute:
     max_in_flight: int
     worker_id: str
     worker_name: str
+    kind: str = "image"  # "text": the llm family
     in_flight: int = 0
 
 
@@ -58,6 +61,21 @@ def job_payload(jobs: list[queue.ClaimedJob]) -> dict:
         "cfg_scale": p["cfg_scale"], "sampler_name": p["sampler_name"], "karras": p["karras"],
         "clip_skip": p["clip_skip"], "tiling": p["tiling"], "seeds": [j.seed for j in jobs],
     }
+
+
+# The keys of a text request's stored params that the LLM deployment takes (TextJob).
+TEXT_JOB_KEYS = ("max_length", "max_context_length", "temperature", "top_p", "top_k", "typical",
+                 "min_p", "rep_pen", "rep_pen_range", "stop_sequence", "messages")
+
+
+def text_job(job: queue.ClaimedJob) -> dict:
+    """The LLM deployment's input for one claimed text generation: its own seed, the prompt or
+    (for chat requests) the messages the model's chat template renders."""
+    out = {"model": job.model, "seed": job.seed,
+           **{k: v for k, v in job.params.items() if k in TEXT_JOB_KEYS}}
+    if "messages" not in out:
+        out["prompt"] = job.prompt
+    return out
 
 
 def batches(jobs: list[queue.ClaimedJob]) -> list[list[queue.ClaimedJob]]:
@@ -100,9 +118,12 @@ class Dispatcher:
         self.routes = {
             name: FamilyRoute(handle=f["handle"], models=list(f["models"]),
                               max_in_flight=int(f.get("max_in_flight", 4)),
-                              worker_id=cluster_worker(name)[0], worker_name=cluster_worker(name)[1])
+                              worker_id=cluster_worker(name)[0], worker_name=cluster_worker(name)[1],
+                              kind=Family(name).kind)
             for name, f in families.items()
         }
+        # Streams of text being generated here, by generation id (see follow()).
+        self._followers: dict[str, list[asyncio.Queue]] = defaultdict(list)
         self.poll_seconds, self.expire_seconds = poll_seconds, expire_seconds
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -123,6 +144,27 @@ class Dispatcher:
     async def stats(self) -> dict:
         return {"completed": self.completed,
                 "in_flight": {n: r.in_flight for n, r in self.routes.items()}}
+
+    async def follow(self, generation_id: str):
+        """Stream the text of a generation as this dispatcher's LLM replicas produce it: str
+        deltas, ending when it is finished and recorded. A generation that runs elsewhere (an
+        HTTP worker) or already ended yields nothing until the caller gives up, so callers
+        also watch the database (api/openai_api.py)."""
+        deltas: asyncio.Queue = asyncio.Queue()
+        self._followers[generation_id].append(deltas)
+        try:
+            while (delta := await deltas.get()) is not None:
+                yield delta
+        finally:
+            followers = self._followers.get(generation_id, [])
+            if deltas in followers:
+                followers.remove(deltas)
+            if not followers:
+                self._followers.pop(generation_id, None)
+
+    def _tell_followers(self, generation_id: str, delta: str | None) -> None:
+        for deltas in self._followers.get(generation_id, []):
+            deltas.put_nowait(delta)
 
     async def check_health(self) -> None:
         if self._loop.done():
@@ -154,11 +196,18 @@ class Dispatcher:
             room = route.max_in_flight - route.in_flight
             if room <= 0:
                 continue
-            caps = queue.Capabilities(worker_id=route.worker_id, models=route.models, trusted=True)
+            caps = queue.Capabilities(worker_id=route.worker_id, models=route.models,
+                                      kind=route.kind, trusted=True, max_length=UNLIMITED,
+                                      max_context_length=UNLIMITED)
             jobs = await asyncio.to_thread(queue.claim, self.db, caps, room)
-            for batch in batches(jobs):
+            # Images of one request go as one batch (one pipeline call); text generations one
+            # by one, and the LLM replica batches whatever arrives together.
+            groups = batches(jobs) if route.kind == "image" else [[j] for j in jobs]
+            for batch in groups:
                 route.in_flight += len(batch)
-                task = asyncio.get_event_loop().create_task(self._generate(route, batch))
+                work = self._generate(route, batch) if route.kind == "image" else \
+                    self._generate_text(route, batch[0])
+                task = asyncio.get_event_loop().create_task(work)
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
@@ -177,6 +226,34 @@ class Dispatcher:
                                     self.settings.max_attempts)
         finally:
             route.in_flight -= len(batch)
+            self._wake.set()
+
+    async def _generate_text(self, route: FamilyRoute, job: queue.ClaimedJob) -> None:
+        try:
+            stream = route.handle.options(multiplexed_model_id=job.model, stream=True) \
+                .generate_stream.remote(text_job(job))
+            result = None
+            async for item in stream:
+                if item["delta"]:
+                    self._tell_followers(job.generation_id, item["delta"])
+                result = item.get("result", result)
+            if result is None:
+                raise RuntimeError("the text stream ended without a result")
+            await asyncio.to_thread(queue.finish, self.db, [queue.Result(
+                generation_id=job.generation_id, claim_id=job.claim_id, storage_key=None,
+                seed=job.seed, worker_id=route.worker_id, worker_name=route.worker_name,
+                owner_id=self.owner_id, text=result["text"],
+                prompt_tokens=result["prompt_tokens"],
+                completion_tokens=result["completion_tokens"],
+                finish_reason=result["finish_reason"])])
+            self.completed += 1
+        except Exception as exc:
+            log.warning("text generation failed (%s); returning it to the queue", exc)
+            await asyncio.to_thread(queue.release, self.db, [(job.generation_id, job.claim_id)],
+                                    f"{type(exc).__name__}: {exc}"[:500], self.settings.max_attempts)
+        finally:
+            self._tell_followers(job.generation_id, None)
+            route.in_flight -= 1
             self._wake.set()
 
     def _replica_counts(self) -> dict[str, int]:
