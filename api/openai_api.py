@@ -134,11 +134,13 @@ def completion_answer(request_id: str, model: str, gens: list[Generation], chat:
             "model": model, "choices": choices, "usage": usage(gens)}
 
 
-async def stream_events(ctx: Context, follow: Callable | None, request_id: str, model: str,
-                        chat: bool, include_usage: bool) -> AsyncIterator[str]:
+async def stream_events(ctx: Context, follow: Callable | None, wake: Callable[[], None],
+                        request_id: str, model: str, chat: bool,
+                        include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events for a streamed call (one choice): the text as the dispatcher's LLM
     replica produces it, then whatever of the recorded text has not been sent (all of it when
-    an HTTP worker did the work), the finish reason, and `[DONE]`."""
+    an HTTP worker did the work), the finish reason, and `[DONE]`. The dispatcher is woken
+    (`wake`) only once the stream is subscribed, so the first tokens are not missed."""
     created = int(time.time())
     ident = f"chatcmpl-{request_id}" if chat else f"cmpl-{request_id}"
 
@@ -164,13 +166,20 @@ async def stream_events(ctx: Context, follow: Callable | None, request_id: str, 
     try:
         if follow is not None:
             deltas: asyncio.Queue = asyncio.Queue()
+            subscribed = asyncio.Event()
 
             async def pump():
                 async for delta in follow(gen_id):
+                    subscribed.set()
                     await deltas.put(delta)
                 await deltas.put(None)
 
             pump_task = asyncio.create_task(pump())
+            try:
+                await asyncio.wait_for(subscribed.wait(), timeout=5)
+            except asyncio.TimeoutError:
+                pass  # the dispatcher did not answer: the record below still gives the text
+            wake()
             try:
                 while True:
                     try:
@@ -182,10 +191,13 @@ async def stream_events(ctx: Context, follow: Callable | None, request_id: str, 
                         continue
                     if delta is None:
                         break
-                    sent += delta
-                    yield chunk(delta)
+                    if delta:
+                        sent += delta
+                        yield chunk(delta)
             finally:
                 pump_task.cancel()
+        else:
+            wake()
         gens = await wait_ended(ctx, request_id)
         finished = True
         _check_succeeded(gens)

@@ -122,8 +122,10 @@ class Dispatcher:
                               kind=Family(name).kind)
             for name, f in families.items()
         }
-        # Streams of text being generated here, by generation id (see follow()).
+        # Streams of text being generated here, by generation id (see follow()), and the text
+        # each in-flight generation has so far.
         self._followers: dict[str, list[asyncio.Queue]] = defaultdict(list)
+        self._partial: dict[str, str] = {}
         self.poll_seconds, self.expire_seconds = poll_seconds, expire_seconds
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -146,12 +148,17 @@ class Dispatcher:
                 "in_flight": {n: r.in_flight for n, r in self.routes.items()}}
 
     async def follow(self, generation_id: str):
-        """Stream the text of a generation as this dispatcher's LLM replicas produce it: str
-        deltas, ending when it is finished and recorded. A generation that runs elsewhere (an
-        HTTP worker) or already ended yields nothing until the caller gives up, so callers
-        also watch the database (api/openai_api.py)."""
+        """Stream the text of a generation as this dispatcher's LLM replicas produce it. The
+        first item comes at once and acknowledges the subscription: the text generated so
+        far ("" when it has not started). Then str deltas, ending when the generation is
+        finished and recorded. A generation that runs elsewhere (an HTTP worker) or already
+        ended yields nothing more until the caller gives up, so callers also watch the
+        database (api/openai_api.py)."""
         deltas: asyncio.Queue = asyncio.Queue()
+        # No await between reading the partial text and subscribing: no delta is lost or
+        # sent twice.
         self._followers[generation_id].append(deltas)
+        yield self._partial.get(generation_id, "")
         try:
             while (delta := await deltas.get()) is not None:
                 yield delta
@@ -163,6 +170,10 @@ class Dispatcher:
                 self._followers.pop(generation_id, None)
 
     def _tell_followers(self, generation_id: str, delta: str | None) -> None:
+        if delta is None:
+            self._partial.pop(generation_id, None)
+        else:
+            self._partial[generation_id] = self._partial.get(generation_id, "") + delta
         for deltas in self._followers.get(generation_id, []):
             deltas.put_nowait(delta)
 

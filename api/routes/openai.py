@@ -35,13 +35,13 @@ async def _call(request: Request, body, key: str | None, chat: bool):
                                      client_agent(request))
 
     request_id = await run_in_threadpool(queue_it)
-    request.app.state.on_submit()
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        events = openai_api.stream_events(ctx, request.app.state.follow, request_id, body.model,
-                                          chat, include_usage)
+        events = openai_api.stream_events(ctx, request.app.state.follow, request.app.state.on_submit,
+                                          request_id, body.model, chat, include_usage)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+    request.app.state.on_submit()
     gens = await openai_api.wait_ended(ctx, request_id)
     return openai_api.completion_answer(request_id, body.model, gens, chat)
 

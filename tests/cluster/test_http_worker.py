@@ -1,0 +1,327 @@
+"""`rayhorde worker` (cluster/http_worker.py) against the real API: uvicorn on a free port in
+this process (SQLite in tmp_path, local storage), the worker on its own private local Ray.
+
+Everything goes through the public interfaces: requests are queued and checked over HTTP as a
+client would; the worker is driven through HttpWorker / run_worker or as `python -m cluster.cli
+worker`. One Ray at a time: each test that starts one shuts it down in its fixture's teardown
+(the subprocess test: the worker process itself, which must leave no Ray process behind).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import uvicorn
+from PIL import Image
+
+from api.app import create_app
+from api.auth import hash_api_key, new_api_key
+from api.db.migrate import upgrade
+from api.db.models import User
+from api.db.session import Database
+from cluster.http_worker import (
+    EXIT_CONFIG,
+    HttpWorker,
+    UnsupportedJob,
+    WorkerConfig,
+    image_job,
+    run_worker,
+    text_job,
+)
+from conftest import make_ctx
+
+ROOT = Path(__file__).resolve().parents[2]
+ANON = {"apikey": "0000000000"}
+# diffusers' schedulers trip numpy 2's __array__ deprecations on every step.
+pytestmark = [pytest.mark.serve, pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ApiServer:
+    """The rayhorde API under uvicorn in a background thread; stop() and start() again on the
+    same port and database is an API restart."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.database_url = f"sqlite:///{tmp_path}/rayhorde.db"
+        upgrade(Database(self.database_url))
+        self.server: uvicorn.Server | None = None
+        self.thread: threading.Thread | None = None
+        self.db: Database | None = None
+
+    def start(self) -> None:
+        self.db = Database(self.database_url)
+        self.ctx = make_ctx(self.db, self.tmp_path, public_url=self.url,
+                            served_models=["tiny-sd15", "tiny-llm"])
+        config = uvicorn.Config(create_app(self.ctx), host="127.0.0.1", port=self.port,
+                                log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.time() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+            self.thread.join(timeout=30)
+            assert not self.thread.is_alive(), "uvicorn did not stop"
+            self.server = None
+            self.db.dispose()
+
+    def create_user(self, name: str) -> tuple[int, str]:
+        key = new_api_key()
+        with self.db.write() as s:
+            user = User(username=name, api_key_hash=hash_api_key(key, self.ctx.settings.key_salt),
+                        kudos=0.0)
+            s.add(user)
+            s.flush()
+            return user.id, key
+
+
+@pytest.fixture
+def api(tmp_path):
+    server = ApiServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def queue_image(api: ApiServer, **params) -> str:
+    body = {"prompt": "a lighthouse on a cliff ### fog", "models": ["tiny-sd15"],
+            "params": {"width": 64, "height": 64, "steps": 4, "n": 1, "seed": "42", **params}}
+    r = httpx.post(f"{api.url}/api/v2/generate/async", json=body, headers=ANON)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def queue_text(api: ApiServer) -> str:
+    body = {"prompt": "Once upon a time", "models": ["tiny-llm"],
+            "params": {"max_length": 16, "max_context_length": 256, "temperature": 0.8}}
+    r = httpx.post(f"{api.url}/api/v2/generate/text/async", json=body, headers=ANON)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def image_status(api: ApiServer, rid: str) -> dict:
+    return httpx.get(f"{api.url}/api/v2/generate/status/{rid}").json()
+
+
+def text_status(api: ApiServer, rid: str) -> dict:
+    return httpx.get(f"{api.url}/api/v2/generate/text/status/{rid}").json()
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+
+
+def worker_config(api: ApiServer, key: str, models: list[str], **overrides) -> WorkerConfig:
+    return WorkerConfig(url=api.url, api_key=key, models=models, num_cpus=2,
+                        idle_seconds=0.3, **overrides)
+
+
+@contextmanager
+def running_worker(config: WorkerConfig):
+    """An HttpWorker started in this thread (Ray and Serve need the main thread), its pop loops
+    served from a background thread; stopped, and Ray shut down, on exit."""
+    out = io.StringIO()
+    worker = HttpWorker(config, out=out)
+    result: dict[str, int] = {}
+    runner = None
+    try:
+        worker.start()
+        runner = threading.Thread(target=lambda: result.update(code=worker.serve_forever()),
+                                  daemon=True)
+        runner.start()
+        yield worker, out, runner
+    finally:
+        worker.request_stop("test over")
+        if runner is not None:
+            runner.join(timeout=120)
+        worker.shutdown()
+        print(out.getvalue())  # shown by pytest when the test fails
+    assert result.get("code") == 0, out.getvalue()
+
+
+# ---------------------------------------------------------------------------------- no Ray
+
+
+@pytest.mark.timeout(30)
+def test_payload_mapping_to_deployment_jobs():
+    payload = {"prompt": "a cat ### dog, blur", "ddim_steps": 12, "n_iter": 3, "seed": "4294967295",
+               "width": 576, "height": 512, "sampler_name": "k_euler_a", "cfg_scale": 6.0,
+               "karras": False, "clip_skip": 2, "tiling": False, "hires_fix": False,
+               "post_processing": [], "use_nsfw_censor": False}
+    job = image_job("tiny-sd15", payload, 3)
+    assert job == {"model": "tiny-sd15", "prompt": "a cat", "negative_prompt": "dog, blur",
+                   "width": 576, "height": 512, "steps": 12, "cfg_scale": 6.0,
+                   "sampler_name": "k_euler_a", "karras": False, "clip_skip": 2, "tiling": False,
+                   "seeds": [4294967295, 0, 1]}  # the horde's seed space wraps at 2**32
+    for refused in ({"hires_fix": True}, {"post_processing": ["RealESRGAN_x4plus"]},
+                    {"seed": "not-a-number"}):
+        with pytest.raises(UnsupportedJob):
+            image_job("tiny-sd15", {**payload, **refused}, 1)
+    text = {"prompt": "Hi", "n": 2, "max_length": 40, "max_context_length": 512,
+            "temperature": 0.5, "top_p": None, "rep_pen": 1.2, "stop_sequence": ["\n"]}
+    a, b = text_job("tiny-llm", text), text_job("tiny-llm", text)
+    assert {k: v for k, v in a.items() if k != "seed"} == {
+        "model": "tiny-llm", "prompt": "Hi", "max_length": 40, "max_context_length": 512,
+        "temperature": 0.5, "rep_pen": 1.2, "stop_sequence": ["\n"]}
+    assert a["seed"] != b["seed"]  # one random seed per generation
+
+
+@pytest.mark.timeout(60)
+def test_bad_key_and_unknown_model_stop_before_ray_starts(api, capsys):
+    _, key = api.create_user("volunteer")
+    assert run_worker(worker_config(api, "not-a-real-key-000000", ["tiny-sd15"])) == EXIT_CONFIG
+    assert run_worker(worker_config(api, ANON["apikey"], ["tiny-sd15"])) == EXIT_CONFIG
+    assert run_worker(worker_config(api, key, ["tiny-sd15", "no-such-model"])) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "refused the API key (401" in err
+    assert "anonymous key cannot run a worker" in err
+    assert "no-such-model" in err and key not in err
+
+
+# ---------------------------------------------------------------------------------- with Ray
+
+
+@pytest.mark.timeout(240)
+def test_worker_serves_image_and_text_jobs_and_earns_kudos(api):
+    owner_id, key = api.create_user("volunteer")
+    image_id = queue_image(api, n=2)
+    text_id = queue_text(api)
+    config = worker_config(api, key, ["tiny-sd15", "tiny-llm"], name="box", max_batch=2)
+    with running_worker(config) as (worker, out, _):
+        wait_until(lambda: image_status(api, image_id)["done"] and text_status(api, text_id)["done"],
+                   timeout=150, what="both requests done")
+    # Images: two, from this worker, 64x64 WebP at their URLs, seeds counting up from 42.
+    st = image_status(api, image_id)
+    assert st["finished"] == 2 and not st["faulted"]
+    assert sorted(g["seed"] for g in st["generations"]) == ["42", "43"]
+    for g in st["generations"]:
+        assert g["worker_name"] == "box" and g["state"] == "ok"
+        image = Image.open(io.BytesIO(httpx.get(g["img"]).content))
+        assert image.format == "WEBP" and image.size == (64, 64)
+    # Text: one generation from the text worker (NAME-text when both kinds are served).
+    (gen,) = text_status(api, text_id)["generations"]
+    assert gen["state"] == "ok" and gen["worker_name"] == "box-text" and gen["model"] == "tiny-llm"
+    assert isinstance(gen["text"], str)
+    # The worker records, and the owner's kudos: exactly what the submits rewarded.
+    workers = {w["name"]: w for w in httpx.get(f"{api.url}/api/v2/workers").json()}
+    assert workers["box"]["requests_fulfilled"] == 2 and workers["box"]["type"] == "image"
+    assert workers["box-text"]["requests_fulfilled"] == 1 and workers["box-text"]["type"] == "text"
+    assert worker.stats.generations_done == 3 and worker.stats.kudos_earned > 0
+    me = httpx.get(f"{api.url}/api/v2/find_user", headers={"apikey": key}).json()
+    assert me["id"] == owner_id
+    assert me["kudos"] == pytest.approx(worker.stats.kudos_earned, abs=0.05)
+    assert me["kudos"] == pytest.approx(workers["box"]["kudos_rewards"]
+                                        + workers["box-text"]["kudos_rewards"], abs=0.05)
+    # Progress on the terminal: a line per job, running totals, and never the key.
+    log = out.getvalue()
+    assert "total 3 generations" in log and "tiny-sd15" in log and "tiny-llm" in log
+    assert key not in log
+
+
+@pytest.mark.timeout(240)
+def test_worker_survives_the_api_restarting(api):
+    """run_worker in this (the main) thread until `stop_when`; the API restarts meanwhile."""
+    _, key = api.create_user("volunteer")
+    out = io.StringIO()
+    scenario_over, failures, request_ids = threading.Event(), [], []
+
+    def scenario() -> None:
+        try:
+            request_ids.append(queue_image(api))
+            wait_until(lambda: image_status(api, request_ids[0])["done"], timeout=120,
+                       what="the first request")
+            api.stop()
+            wait_until(lambda: "cannot reach the API" in out.getvalue(), timeout=30,
+                       what="the worker noticing the API is gone")
+            time.sleep(2)  # a few more failed pops, backing off
+            api.start()  # same port, same database: a restarted API
+            request_ids.append(queue_image(api, seed="7"))
+            wait_until(lambda: image_status(api, request_ids[1])["done"], timeout=90,
+                       what="the request queued after the restart")
+        except BaseException as e:  # noqa: BLE001 - reported by the test below
+            failures.append(e)
+        finally:
+            scenario_over.set()
+
+    driver = threading.Thread(target=scenario, daemon=True)
+    driver.start()
+    config = worker_config(api, key, ["tiny-sd15"], name="steady", max_backoff_seconds=1.0)
+    code = run_worker(config, stop_when=scenario_over.is_set, out=out)
+    driver.join(timeout=30)
+    print(out.getvalue())  # shown by pytest when the test fails
+    assert not failures, failures
+    assert code == 0
+    (gen,) = image_status(api, request_ids[1])["generations"]
+    assert gen["worker_name"] == "steady" and gen["seed"] == "7"
+    log = out.getvalue()
+    assert "the API answers again" in log and "stopped: 2 generations done" in log
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_finishes_the_job_in_flight_and_exits_cleanly(api, tmp_path):
+    _, key = api.create_user("volunteer")
+    # Big and long enough to take seconds on the tiny model (an anonymous request may go up to
+    # 1024x1024 and 50 steps).
+    rid = queue_image(api, width=768, height=768, steps=40, n=2)
+    log_path = tmp_path / "worker.log"
+    env = {**os.environ, "RAYHORDE_WORKER_API_KEY": key, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", "worker", "--url", api.url, "--models",
+             "tiny-sd15", "--name", "graceful", "--num-cpus", "2", "--max-batch", "2"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        check = lambda: httpx.get(f"{api.url}/api/v2/generate/check/{rid}").json()  # noqa: E731
+        wait_until(lambda: check()["processing"] == 2 or proc.poll() is not None, timeout=180,
+                   what="the job in flight", interval=0.1)
+        assert proc.poll() is None, log_path.read_text()
+        ray_processes = psutil.Process(proc.pid).children(recursive=True)
+        assert ray_processes, "the worker started no Ray processes?"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=180) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = log_path.read_text()
+    st = image_status(api, rid)
+    assert st["done"] and st["finished"] == 2, output
+    assert {g["worker_name"] for g in st["generations"]} == {"graceful"}
+    assert "received SIGTERM" in output and "2 done" in output and key not in output
+
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    wait_until(lambda: not any(alive(p) for p in ray_processes), timeout=30,
+               what=f"the worker's Ray processes to end: {[p.pid for p in ray_processes if alive(p)]}")
