@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     kudos.set_defaults(func=users_kudos)
     users_sub.add_parser("list", help="every user with kudos and roles").set_defaults(func=users_list)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=migrate)
+    from cluster.generate_cli import add_parser as add_generate_parser
+    add_generate_parser(sub)
     from cluster.http_worker import add_parser as add_worker_parser
     add_worker_parser(sub)
     args = parser.parse_args(argv)

@@ -283,3 +283,28 @@ def test_openai_client_completions_chat_and_streaming(cluster):
     with pytest.raises(openai.BadRequestError) as bad:
         client.completions.create(model="tiny-llm", prompt="x", presence_penalty=1.0)
     assert "presence_penalty" in str(bad.value)
+
+
+def test_generate_command_line(cluster, tmp_path):
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "cluster.cli", "generate", *args,
+                               "--url", "http://127.0.0.1:8000"], capture_output=True, text=True,
+                              timeout=300)
+
+    images = cli("a red boat ### rain", "--model", "tiny-sdxl", "--n", "2", "--width", "128",
+                 "--height", "64", "--steps", "3", "--seed", "5", "--out", str(tmp_path / "img"))
+    assert images.returncode == 0, images.stderr
+    saved = sorted((tmp_path / "img").iterdir())
+    assert len(saved) == 2 and "queued" in images.stderr and "done" in images.stderr
+    for path in saved:
+        with Image.open(path) as im:
+            assert im.size == (128, 64)
+    text = cli("--text", "The keeper said", "--model", "tiny-llm", "--max-length", "20",
+               "--seed", "4", "--out", str(tmp_path / "txt"))
+    assert text.returncode == 0, text.stderr
+    (saved_text,) = (tmp_path / "txt").iterdir()
+    assert text.stdout.strip() == saved_text.read_text().strip()
+    bad = cli("x", "--model", "no-such-model")
+    assert bad.returncode == 1 and "models" in bad.stderr
