@@ -16,3 +16,10 @@ def hash_api_key(key: str, salt: str) -> str:
 def new_api_key() -> str:
     # 22 characters, like the AI Horde's own keys.
     return secrets.token_urlsafe(16)
+
+
+def node_key_digest(key: str) -> str:
+    """What a volunteer's Ray node carries (as a label) to name its owner: a digest of the API
+    key in its own domain, so the label neither is the key nor matches the stored hash.
+    48 hex digits (192 bits): Ray label values hold at most 63 characters."""
+    return hashlib.sha256(f"rayhorde-node:{key}".encode()).hexdigest()[:48]

@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     uptime_bonus_kudos: float = 50.0  # earned by a worker's owner ...
     uptime_bonus_seconds: float = 600.0  # ... per this much time online
     expire_every_seconds: float = 5.0  # how often expired claims are swept back
+    node_heartbeat_seconds: float = 10.0  # volunteer nodes' uptime is counted this often
 
     # Rate limits per API key and per client address (limits' syntax, e.g. "60/minute");
     # "memory://" counts per API replica, "redis://host:port" across all of them.

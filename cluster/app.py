@@ -22,6 +22,17 @@ class FamilyConfig(BaseModel):
     max_in_flight: int = Field(4, ge=1)
 
 
+class VolunteerArgs(BaseModel):
+    """How the cluster takes Ray-joined volunteer nodes (cluster/bridge.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    poll_seconds: float = Field(1.0, gt=0)
+    # Per family, the Ray actor options of a volunteer node's replica; default one GPU when
+    # the node has any, else half a CPU.
+    actor_options: dict[Family, dict] = Field(default_factory=dict)
+
+
 class AppArgs(BaseModel):
     """The `args:` block of an application in a Serve config."""
 
@@ -29,6 +40,7 @@ class AppArgs(BaseModel):
     settings: dict = Field(default_factory=dict)
     families: dict[Family, FamilyConfig] = Field(default_factory=dict)
     poll_seconds: float = 1.0
+    volunteers: VolunteerArgs = Field(default_factory=VolunteerArgs)
     # False: the API alone, no dispatcher and no model deployments; the queue is then drained
     # only by workers from outside (benchmarks of the API use this too).
     dispatch: bool = True
@@ -79,10 +91,12 @@ def build(args: dict) -> Application:
     families = {}
     for family, entries in by_family.items():
         cfg = app_args.families.get(family, FamilyConfig())
+        dumped = [e.model_dump(mode="json") for e in entries]
         families[family.value] = {
-            "handle": classes[family].bind([e.model_dump(mode="json") for e in entries]),
-            "models": [e.name for e in entries],
-            "max_in_flight": cfg.max_in_flight,
+            "handle": classes[family].bind(dumped), "entries": dumped,
+            "models": [e.name for e in entries], "max_in_flight": cfg.max_in_flight,
         }
-    dispatcher = Dispatcher.bind(plain, families, poll_seconds=app_args.poll_seconds)
+    volunteers = app_args.volunteers.model_dump(mode="json")
+    dispatcher = Dispatcher.bind(plain, families, poll_seconds=app_args.poll_seconds,
+                                 volunteers=volunteers)
     return ApiIngress.bind(plain, dispatcher)

@@ -6,6 +6,10 @@ and records them with a compare-and-set. It keeps at most `max_in_flight` images
 flight: enough for Serve's autoscaler to see the demand, no more, so the rest of the queue keeps
 its priority order in the database. Nothing lives only here: if this replica dies, its claims
 expire (or are released when the next dispatcher starts) and the work is done again.
+
+It also runs the volunteer bridge (cluster/bridge.py): for each volunteer node that joins, one
+application per family it offers, pinned to the node, and a route that claims work as the
+node's worker; when the node goes, the routes and applications go with it.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ from api.db.models import Worker
 from api.db.session import get_database
 from api.settings import Settings
 from api.storage import make_storage
+from cluster.bridge import NODE_ID_LABEL, VolunteerBridge
 from models.catalog import Family
 
 log = logging.getLogger("ray.serve")
 
 REPLICA_COUNT_SECONDS = 10.0
 UNLIMITED = 2**31 - 1  # text limits are checked against the catalog when requests arrive
+VOLUNTEER_PAUSE_SECONDS = 30.0
 
 
 def cluster_worker(family: str) -> tuple[str, str]:
@@ -48,7 +54,16 @@ class FamilyRoute:
     worker_id: str
     worker_name: str
     kind: str = "image"  # "text": the llm family
+    owner_id: int | None = None  # earns the rewards; None: the horde's account
+    app_name: str | None = None  # a volunteer node's own application
     in_flight: int = 0
+    # A volunteer node whose replica just failed gets no new work for a while: most often the
+    # node is going away, and the bridge has yet to notice (each claim costs an attempt).
+    paused_until: float = 0.0
+
+    def failed(self) -> None:
+        if self.app_name is not None:
+            self.paused_until = time.monotonic() + VOLUNTEER_PAUSE_SECONDS
 
 
 def job_payload(jobs: list[queue.ClaimedJob]) -> dict:
@@ -111,7 +126,10 @@ def register_cluster_workers(db, routes: dict[str, FamilyRoute], replicas: dict[
                   ray_actor_options={"num_cpus": 0})
 class Dispatcher:
     def __init__(self, settings: dict, families: dict[str, dict], poll_seconds: float = 1.0,
-                 expire_seconds: float = 5.0):
+                 expire_seconds: float = 5.0, volunteers: dict | None = None):
+        """`families`: per family, the deployment's handle, its models (names and catalog
+        entries) and max_in_flight. `volunteers`: {"enabled": bool, "poll_seconds": float,
+        "actor_options": {family: ray_actor_options of a volunteer node's replica}}."""
         self.settings = Settings(**settings)
         self.db = get_database(self.settings.database_url)
         self.storage = make_storage(self.settings)
@@ -131,6 +149,12 @@ class Dispatcher:
         self._tasks: set[asyncio.Task] = set()
         self.completed = 0
         self.owner_id = register_cluster_workers(self.db, self.routes, {})
+        self.families = families
+        self.volunteers = {"enabled": True, "poll_seconds": 1.0, "actor_options": {},
+                           **(volunteers or {})}
+        self.bridge = VolunteerBridge(self.db, self.settings,
+                                      {Family(n): list(f["models"]) for n, f in families.items()})
+        self.volunteer_routes: dict[str, list[FamilyRoute]] = {}
         # Whatever a previous dispatcher had in flight died with it: hand it back now rather
         # than waiting for the deadlines.
         for route in self.routes.values():
@@ -181,10 +205,17 @@ class Dispatcher:
         if self._loop.done():
             raise RuntimeError(f"dispatch loop ended: {self._loop.exception()!r}")
 
+    def _all_routes(self) -> list[FamilyRoute]:
+        return [*self.routes.values(), *(r for rs in self.volunteer_routes.values() for r in rs)]
+
     async def _run_forever(self) -> None:
-        last_expire = last_refresh = 0.0
+        last_expire = last_refresh = last_bridge = 0.0
         while True:
             try:
+                if self.volunteers["enabled"] and \
+                        time.monotonic() - last_bridge > self.volunteers["poll_seconds"]:
+                    last_bridge = time.monotonic()
+                    await self._refresh_volunteers()
                 if time.monotonic() - last_expire > self.expire_seconds:
                     last_expire = time.monotonic()
                     await asyncio.to_thread(queue.expire, self.db, self.settings.max_attempts,
@@ -202,10 +233,52 @@ class Dispatcher:
                 pass
             self._wake.clear()
 
+    async def _refresh_volunteers(self) -> None:
+        changes = await asyncio.to_thread(self.bridge.refresh)
+        for node in changes.left:
+            for route in self.volunteer_routes.pop(node.node_id, []):
+                await asyncio.to_thread(serve.delete, route.app_name, _blocking=False)
+        for node in changes.joined:
+            routes = []
+            for family in node.families:
+                try:
+                    routes.append(await asyncio.to_thread(self._deploy_on_node, node, family))
+                except Exception:
+                    log.exception("could not deploy %s on volunteer node %s", family.value,
+                                  node.node_id)
+            self.volunteer_routes[node.node_id] = routes
+            self._wake.set()
+
+    def _deploy_on_node(self, node, family: Family) -> FamilyRoute:
+        """The family's deployment as its own application, one replica pinned to the node."""
+        from cluster.app import family_deployments
+
+        f = self.families[family.value]
+        options = dict(self.volunteers["actor_options"].get(family.value)
+                       or ({"num_gpus": 1} if node.gpus else {"num_cpus": 0.5}))
+        options["label_selector"] = {NODE_ID_LABEL: node.node_id}
+        deployment = family_deployments()[family].options(num_replicas=1, ray_actor_options=options)
+        app_name = f"volunteer-{node.node_id[:12]}-{family.value}"
+        serve.run(deployment.bind(f["entries"]), name=app_name, route_prefix=None)
+        return FamilyRoute(
+            handle=serve.get_deployment_handle(deployment.name, app_name), models=list(f["models"]),
+            max_in_flight=int(f.get("max_in_flight", 4)), worker_id=node.worker_id,
+            worker_name=node.worker_name, kind=family.kind, owner_id=node.owner_id,
+            app_name=app_name)
+
+    def _credit(self, route: FamilyRoute, node_id: str | None) -> tuple[str, str, int]:
+        """(worker id, worker name, owner id) a result is credited to: the volunteer node it
+        ran on when the replica says so, else the route's worker."""
+        node = self.bridge.worker_for_node(node_id)
+        if node is not None:
+            return node.worker_id, node.worker_name, node.owner_id
+        owner = route.owner_id if route.owner_id is not None else self.owner_id
+        return route.worker_id, route.worker_name, owner
+
     async def _dispatch(self) -> None:
-        for route in self.routes.values():
+        for route in self._all_routes():
             room = route.max_in_flight - route.in_flight
-            if room <= 0:
+            if room <= 0 or route.paused_until > time.monotonic():
                 continue
             caps = queue.Capabilities(worker_id=route.worker_id, models=route.models,
                                       kind=route.kind, trusted=True, max_length=UNLIMITED,
@@ -232,6 +305,7 @@ class Dispatcher:
             self.completed += len(batch)
         except Exception as exc:  # a dead replica, a failed load, a bad input: try again
             log.warning("generation failed (%s); returning %d to the queue", exc, len(batch))
+            route.failed()
             await asyncio.to_thread(queue.release, self.db, claims,
                                     f"{type(exc).__name__}: {exc}"[:500],
                                     self.settings.max_attempts)
@@ -250,16 +324,18 @@ class Dispatcher:
                 result = item.get("result", result)
             if result is None:
                 raise RuntimeError("the text stream ended without a result")
+            worker_id, worker_name, owner_id = self._credit(route, result.get("node_id"))
             await asyncio.to_thread(queue.finish, self.db, [queue.Result(
                 generation_id=job.generation_id, claim_id=job.claim_id, storage_key=None,
-                seed=job.seed, worker_id=route.worker_id, worker_name=route.worker_name,
-                owner_id=self.owner_id, text=result["text"],
+                seed=job.seed, worker_id=worker_id, worker_name=worker_name,
+                owner_id=owner_id, text=result["text"],
                 prompt_tokens=result["prompt_tokens"],
                 completion_tokens=result["completion_tokens"],
                 finish_reason=result["finish_reason"])])
             self.completed += 1
         except Exception as exc:
             log.warning("text generation failed (%s); returning it to the queue", exc)
+            route.failed()
             await asyncio.to_thread(queue.release, self.db, [(job.generation_id, job.claim_id)],
                                     f"{type(exc).__name__}: {exc}"[:500], self.settings.max_attempts)
         finally:
@@ -283,13 +359,14 @@ class Dispatcher:
         return counts
 
     def _store(self, route: FamilyRoute, batch: list[queue.ClaimedJob], result: dict) -> None:
+        worker_id, worker_name, owner_id = self._credit(route, result.get("node_id"))
         results = []
         for job, image, seed in zip(batch, result["images"], result["seeds"], strict=True):
             key = f"images/{job.request_id}/{job.generation_id}.webp"
             self.storage.put(key, image, "image/webp")
             results.append(queue.Result(
                 generation_id=job.generation_id, claim_id=job.claim_id, storage_key=key,
-                seed=seed, worker_id=route.worker_id, worker_name=route.worker_name,
-                owner_id=self.owner_id, gen_metadata=[],
+                seed=seed, worker_id=worker_id, worker_name=worker_name,
+                owner_id=owner_id, gen_metadata=[],
             ))
         queue.finish(self.db, results)

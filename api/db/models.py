@@ -56,6 +56,8 @@ class User(Base):
     customizer: Mapped[bool] = mapped_column(Boolean, default=False)
     service: Mapped[bool] = mapped_column(Boolean, default=False)
     contact: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    # How a volunteer's Ray node names its owner without carrying the key (api/auth.py).
+    node_key_digest: Mapped[str | None] = mapped_column(String(48), unique=True, nullable=True)
 
 
 class KudosEntry(Base):
@@ -113,6 +115,10 @@ class Worker(Base):
     info: Mapped[str | None] = mapped_column(String(1000), nullable=True)
     maintenance: Mapped[bool] = mapped_column(Boolean, default=False)
     maintenance_msg: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    # Ray-joined volunteer nodes (kind "node"): the node, and whether it is in the cluster now
+    # (the bridge sets it as nodes join and leave; other kinds are online by their last pop).
+    node_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    connected: Mapped[bool] = mapped_column(Boolean, default=False)
     # Counters (lifetime); consecutive_drops puts a worker into maintenance when it keeps
     # losing jobs, and is reset by every successful submit.
     jobs_done: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -31,6 +31,7 @@ def live_capacity(ctx, session, now: float) -> dict[str, int]:
     counts: dict[str, int] = {}
     rows = session.execute(select(Worker.models, Worker.kind, Worker.threads).where(
         Worker.last_seen > now - ctx.settings.stale_worker_seconds,
+        (Worker.kind != "node") | Worker.connected,
         Worker.maintenance == False)).all()  # noqa: E712
     for models, kind, threads in rows:
         for m in models or []:

@@ -48,7 +48,8 @@ def details(ctx, worker: Worker, owner: User, now: float) -> WorkerDetails:
     s = ctx.settings
     caps = worker.capabilities or {}
     speed = worker.megapixelsteps_done / worker.seconds_working if worker.seconds_working else 0.0
-    online = now - worker.last_seen < s.stale_worker_seconds
+    # A Ray-joined node is online while it is in the cluster; an HTTP worker while it pops.
+    online = worker.connected if worker.kind == "node" else now - worker.last_seen < s.stale_worker_seconds
     return WorkerDetails(
         type=worker.type, name=worker.name, id=worker.id, maintenance_mode=worker.maintenance,
         bridge_agent=worker.bridge_agent or "unknown:0:unknown", online=online,

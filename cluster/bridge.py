@@ -1,0 +1,160 @@
+"""The volunteer bridge: Ray nodes that trusted volunteers join to the cluster become workers.
+
+A volunteer node carries Ray labels (set by `rayhorde join`, or by hand with `ray start
+--labels`):
+    rayhorde-volunteer: "true"                 it is a volunteer's, not the operator's
+    rayhorde-owner: <node key digest>          api/auth.py node_key_digest(API key)
+    rayhorde-family-<family>: "yes"            each model family it offers
+The cluster's own family deployments keep off such nodes (their configs select
+`rayhorde-volunteer: "!true"`). For each volunteer node whose owner digest names a user, the
+bridge registers a worker of kind "node" owned by that user, and the dispatcher deploys, for
+each family the node offers, a Serve application whose replica is pinned to that node
+(`ray.io/node-id`); it claims work for those replicas as that worker, so the owner earns what
+they generate and requests can target the node's worker by id. A node whose digest names no
+user is refused: nothing is deployed on it, so it gets no work.
+
+When a node leaves or dies, its worker is marked disconnected at once, its claimed jobs go
+straight back to the queue (not after their time to live) and its applications are deleted.
+The bridge only reads Ray's node table and the database; the dispatcher, which owns the
+routes, calls `refresh()` every `poll_seconds`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import ray
+from sqlalchemy import select, update
+
+from api import ledger
+from api.db import queue
+from api.db.models import User, Worker
+from models.catalog import Family
+
+log = logging.getLogger("ray.serve")
+
+VOLUNTEER_LABEL = "rayhorde-volunteer"
+OWNER_LABEL = "rayhorde-owner"
+FAMILY_LABEL_PREFIX = "rayhorde-family-"
+NODE_ID_LABEL = "ray.io/node-id"
+
+
+def node_labels(owner_digest: str, families: list[Family]) -> dict[str, str]:
+    """The labels a volunteer node starts with."""
+    return {VOLUNTEER_LABEL: "true", OWNER_LABEL: owner_digest,
+            **{FAMILY_LABEL_PREFIX + f.value: "yes" for f in families}}
+
+
+def head_labels(families: list[Family]) -> dict[str, str]:
+    """The labels of the operator's own nodes: every family, not a volunteer."""
+    return {FAMILY_LABEL_PREFIX + f.value: "yes" for f in families}
+
+
+@dataclass
+class VolunteerNode:
+    node_id: str
+    worker_id: str
+    worker_name: str
+    owner_id: int
+    families: list[Family]
+    gpus: float
+    joined_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class Changes:
+    joined: list[VolunteerNode] = field(default_factory=list)
+    left: list[VolunteerNode] = field(default_factory=list)
+
+
+class VolunteerBridge:
+    def __init__(self, db, settings, served: dict[Family, list[str]]):
+        """`served`: the model names this cluster serves, by family."""
+        self.db, self.settings = db, settings
+        self.served = served
+        self.nodes: dict[str, VolunteerNode] = {}  # connected and accepted, by node id
+        self.refused: set[str] = set()  # node ids already reported as refused
+        self._last_heartbeat = 0.0
+
+    def worker_for_node(self, node_id: str | None) -> VolunteerNode | None:
+        return self.nodes.get(node_id) if node_id else None
+
+    def refresh(self, now: float | None = None) -> Changes:
+        """Compare Ray's live volunteer nodes with the known ones: register the new, retire
+        the gone, and heartbeat the rest (uptime, uptime bonus)."""
+        now = time.time() if now is None else now
+        live = {n["NodeID"]: n for n in ray.nodes()
+                if n.get("Alive") and (n.get("Labels") or {}).get(VOLUNTEER_LABEL) == "true"}
+        changes = Changes()
+        for node_id in [n for n in self.nodes if n not in live]:
+            node = self.nodes.pop(node_id)
+            self._retire(node, now)
+            changes.left.append(node)
+        for node_id, info in live.items():
+            if node_id in self.nodes or node_id in self.refused:
+                continue
+            node = self._admit(node_id, info, now)
+            if node is not None:
+                self.nodes[node_id] = node
+                changes.joined.append(node)
+        if self.nodes and now - self._last_heartbeat >= self.settings.node_heartbeat_seconds:
+            self._heartbeat(now)
+        return changes
+
+    def _admit(self, node_id: str, info: dict, now: float) -> VolunteerNode | None:
+        labels = info.get("Labels") or {}
+        digest = labels.get(OWNER_LABEL, "")
+        offered = [f for f in Family if labels.get(FAMILY_LABEL_PREFIX + f.value) == "yes"]
+        with self.db.write() as session:
+            owner = session.execute(select(User).where(User.node_key_digest == digest)
+                                    ).scalar_one_or_none() if digest else None
+            if owner is None:
+                self.refused.add(node_id)
+                log.warning("refusing volunteer node %s: its %s label names no user", node_id,
+                            OWNER_LABEL)
+                return None
+            families = [f for f in offered if f in self.served]
+            name = f"node-{owner.username}-{node_id[:8]}"[:100]
+            worker = session.execute(select(Worker).where(Worker.node_id == node_id)
+                                     ).scalar_one_or_none()
+            if worker is None:
+                worker = Worker(id=str(uuid.uuid4()), name=name, owner_id=owner.id, kind="node",
+                                node_id=node_id, created_at=now, last_bonus_at=now,
+                                bridge_agent="rayhorde volunteer node", nsfw=True)
+                session.add(worker)
+            worker.type = "text" if families == [Family.llm] else "image"
+            worker.models = [m for f in families for m in self.served[f]]
+            worker.threads = len(families)
+            worker.connected, worker.last_seen = True, now
+            gpus = float((info.get("Resources") or {}).get("GPU", 0))
+            node = VolunteerNode(node_id=node_id, worker_id=worker.id, worker_name=worker.name,
+                                 owner_id=owner.id, families=families, gpus=gpus, joined_at=now)
+        log.info("volunteer node %s joined for %s#%s offering %s", node_id, owner.username,
+                 owner.id, [f.value for f in families])
+        return node
+
+    def _retire(self, node: VolunteerNode, now: float) -> None:
+        with self.db.write() as session:
+            session.execute(update(Worker).where(Worker.id == node.worker_id)
+                            .values(connected=False, last_seen=now))
+        returned = queue.expire(self.db, self.settings.max_attempts, worker_id=node.worker_id)
+        log.info("volunteer node %s left; %d of its jobs went back to the queue",
+                 node.node_id, returned)
+
+    def _heartbeat(self, now: float) -> None:
+        """Uptime for every connected node's worker, and the owner's uptime bonus when due."""
+        s = self.settings
+        elapsed = now - self._last_heartbeat if self._last_heartbeat else 0.0
+        self._last_heartbeat = now
+        with self.db.write() as session:
+            for node in self.nodes.values():
+                worker = session.get(Worker, node.worker_id)
+                worker.last_seen = now
+                worker.uptime_seconds += min(elapsed, s.node_heartbeat_seconds * 3)
+                if s.uptime_bonus_kudos and now - worker.last_bonus_at >= s.uptime_bonus_seconds:
+                    worker.last_bonus_at = now
+                    ledger.award(session, node.owner_id, s.uptime_bonus_kudos, kind="uptime",
+                                 ref=node.worker_id)
