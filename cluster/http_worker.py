@@ -109,11 +109,13 @@ class WorkerConfig:
             raise WorkerConfigError("--models: name at least one model")
         if not 1 <= len(self.name) <= 100:
             raise WorkerConfigError("--name: 1 to 100 characters")
-        for attr, low in (("threads", 1), ("max_batch", 1), ("max_pixels", 64 * 64)):
-            if getattr(self, attr) < low:
-                raise WorkerConfigError(f"--{attr.replace('_', '-')}: must be >= {low}")
+        if self.max_pixels < 64 * 64:
+            raise WorkerConfigError(f"--max-pixels: at least {64 * 64}")
+        # The horde's limits on a pop's `threads` and `amount`.
+        if not 1 <= self.threads <= 50:
+            raise WorkerConfigError("--threads: 1 to 50")
         if not 1 <= self.max_batch <= 20:
-            raise WorkerConfigError("--max-batch: 1 to 20 (the horde's pop amount)")
+            raise WorkerConfigError("--max-batch: 1 to 20")
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,13 @@ def plan_models(config: WorkerConfig, catalog: Catalog) -> ModelPlan:
     max_context = config.max_context_length or min(
         (e.max_context_length or DEFAULT_MAX_CONTEXT_LENGTH for e in text),
         default=DEFAULT_MAX_CONTEXT_LENGTH)
+    for e in text:  # declaring more than a model serves would fault every such job
+        if e.max_length is not None and max_length > e.max_length:
+            raise WorkerConfigError(f"--max-length {max_length}: {e.name} generates at most "
+                                    f"{e.max_length} tokens (catalog)")
+        if e.max_context_length is not None and max_context > e.max_context_length:
+            raise WorkerConfigError(f"--max-context-length {max_context}: {e.name} takes at "
+                                    f"most {e.max_context_length} tokens (catalog)")
     if text and max_length >= max_context:
         raise WorkerConfigError(f"--max-length ({max_length}) must be below "
                                 f"--max-context-length ({max_context})")
@@ -272,9 +281,11 @@ def error_text(response: httpx.Response) -> tuple[str, str]:
 
 
 class HttpWorker:
-    """`start()` (API check, Ray, Serve, model warm-up), `serve_forever()` (the pop loops, until
-    `request_stop()` or a fatal API answer), `shutdown()` (Serve, then Ray). `stats` holds the
-    running totals."""
+    """One volunteer worker. `start()` = `check_api()` (the key, before anything heavy),
+    `start_ray()`, `deploy_models()` (deploy, then load every model once); `serve_forever()`
+    runs the pop loops until `request_stop()` or a fatal API answer; `shutdown()` removes what
+    it deployed and stops its Ray. `stats` holds the running totals; `handles` maps each model
+    to its deployment handle."""
 
     def __init__(self, config: WorkerConfig, out: TextIO | None = None):
         self.config = config
@@ -284,9 +295,11 @@ class HttpWorker:
         self.stop_requested = threading.Event()
         self.fatal_error: str | None = None
         self.handles: dict[str, Any] = {}  # model name -> DeploymentHandle
-        self._print_lock = threading.Lock()
+        # Reentrant: the signal handler prints, and may interrupt the main thread mid-print.
+        self._print_lock = threading.RLock()
         self._messages_seen: set[str] = set()
         self._ray_started = False
+        self._serve_apps: list[str] = []  # what this worker deployed, removed on shutdown
         self.image_worker_name = config.name
         self.text_worker_name = (f"{config.name}-text"[:100] if self.plan.image_models
                                  else config.name)
@@ -331,7 +344,8 @@ class HttpWorker:
             return "?"
         if r.status_code != 200:
             rc, message = error_text(r)
-            raise WorkerConfigError(f"the API refused the API key ({r.status_code} {rc}): {message}")
+            raise WorkerConfigError(
+                f"the API refused the API key ({r.status_code} {rc}): {message}")
         body = r.json()
         if body.get("id") == 0:
             raise WorkerConfigError("--api-key: the anonymous key cannot run a worker; "
@@ -347,6 +361,7 @@ class HttpWorker:
         local = self.config.ray_address == "local"
         self.say("starting a private local Ray" if local
                  else f"joining the Ray cluster at {self.config.ray_address}")
+        # address="local" always starts a new Ray (RAY_ADDRESS and running clusters ignored).
         ray.init(address=self.config.ray_address, include_dashboard=False,
                  num_cpus=self.config.num_cpus if local else None,
                  log_to_driver=self.config.verbose, namespace="rayhorde-worker")
@@ -374,17 +389,26 @@ class HttpWorker:
             groups.append((family.value, classes[family], entries))
         if self.plan.text_entries:
             groups.append((Family.llm.value, LLMDeployment, self.plan.text_entries))
-        # Every deployment gets an equal share of the local CPUs (and GPUs), so all fit at once.
+        # Every deployment gets an equal share of our private Ray's CPUs and GPUs, so all fit
+        # at once. On a cluster joined with --ray-address, whose totals are not ours to take:
+        # --num-cpus (or 1 CPU) per deployment, and 1 GPU each where it has GPUs.
         resources = ray.cluster_resources()
-        options: dict[str, float] = {"num_cpus": resources.get("CPU", 1.0) / len(groups)}
-        if resources.get("GPU"):
-            options["num_gpus"] = resources["GPU"] / len(groups)
+        if self.config.ray_address == "local":
+            cpus = resources.get("CPU", 1.0) / len(groups)
+            gpus = resources.get("GPU", 0.0) / len(groups)
+        else:
+            cpus, gpus = (self.config.num_cpus or 1.0), min(1.0, resources.get("GPU", 0.0))
+        options: dict[str, float] = {"num_cpus": cpus}
+        if gpus:
+            options["num_gpus"] = gpus
         for family_name, cls, entries in groups:
             self.say(f"deploying {family_name} ({', '.join(e.name for e in entries)})")
+            app_name = f"worker-{family_name}"
             handle = serve.run(
                 cls.options(num_replicas=1, ray_actor_options=options).bind(
                     [e.model_dump(mode="json") for e in entries]),
-                name=f"worker-{family_name}", route_prefix=None)
+                name=app_name, route_prefix=None)
+            self._serve_apps.append(app_name)
             for entry in entries:
                 self.handles[entry.name] = handle
 
@@ -402,7 +426,7 @@ class HttpWorker:
         for model, call in calls.items():
             try:
                 call.result(timeout_s=1800)
-            except Exception as e:  # noqa: BLE001 - a model that cannot run is the volunteer's to fix
+            except Exception as e:  # noqa: BLE001 - a model that cannot run: the volunteer's to fix
                 raise WorkerConfigError(f"model {model!r} failed to load or run: {e}") from e
             self.say(f"{model} loaded")
 
@@ -441,7 +465,12 @@ class HttpWorker:
 
         self.say("shutting down Serve and Ray")
         try:
-            serve.shutdown()
+            if self.config.ray_address == "local":
+                serve.shutdown()  # our own Ray: all of Serve is ours
+            else:
+                # Someone else's cluster: remove our applications, leave its Serve running.
+                for app_name in self._serve_apps:
+                    serve.delete(app_name)
         finally:
             ray.shutdown()
             self._ray_started = False
@@ -499,7 +528,8 @@ class HttpWorker:
                         self.say(f"{what}: the API answers again")
                     return r
                 rc, message = error_text(r)
-                problem, retry_after = f"API answered {r.status_code} {rc}: {message}", retry_after_seconds(r)
+                problem = f"API answered {r.status_code} {rc}: {message}"
+                retry_after = retry_after_seconds(r)
             delay = backoff.next_delay(retry_after)
             if patient:
                 self.say(f"{what}: {problem}; retrying in {delay:.1f} s")
@@ -541,7 +571,7 @@ class HttpWorker:
             if r.status_code == 403 and rc == "MaintenanceMode":
                 # The owner can end maintenance (PUT /api/v2/workers/{id}): keep asking, slowly.
                 self.say(f"{kind} pop: {message}; asking again in "
-                         f"{c.maintenance_retry_seconds:.0f} s")
+                         f"{c.maintenance_retry_seconds:g} s")
                 self.stop_requested.wait(c.maintenance_retry_seconds)
                 continue
             raise FatalApiAnswer(f"{kind} pop refused ({r.status_code} {rc}): {message}")
@@ -635,11 +665,14 @@ class HttpWorker:
         # All calls go out before any result is awaited, so the deployment batches them.
         calls = [(gid, self._generate(job.model, text_job(job.model, job.payload)))
                  for gid in job.ids]
-        return [(gid, {"state": "ok",
-                       "generation": call.result(timeout_s=max(1.0, job.deadline - time.monotonic()))["text"]})
-                for gid, call in calls]
+        submissions = []
+        for gid, call in calls:
+            result = call.result(timeout_s=max(1.0, job.deadline - time.monotonic()))
+            submissions.append((gid, {"state": "ok", "generation": result["text"]}))
+        return submissions
 
-    def _submit(self, client: httpx.Client, job: PoppedJob, gid: str, submission: dict) -> float | None:
+    def _submit(self, client: httpx.Client, job: PoppedJob, gid: str,
+                submission: dict) -> float | None:
         """The reward, or None when the API did not take the result."""
         path = "/api/v2/generate/submit" if job.kind == "image" else "/api/v2/generate/text/submit"
         # Finished work is worth submitting through an API restart, as long as the job is ours.
@@ -745,6 +778,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def worker_command(args: argparse.Namespace) -> int:
+    # Read once (argparse took it as --api-key's default); Ray's processes, started from this
+    # one, need not inherit the key.
+    os.environ.pop(API_KEY_ENV, None)
     try:
         config = WorkerConfig(
             url=args.url, api_key=args.api_key or "",

@@ -58,8 +58,8 @@ class ApiServer:
     """The rayhorde API under uvicorn in a background thread; stop() and start() again on the
     same port and database is an API restart."""
 
-    def __init__(self, tmp_path: Path):
-        self.tmp_path = tmp_path
+    def __init__(self, tmp_path: Path, **settings):
+        self.tmp_path, self.settings = tmp_path, settings
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.database_url = f"sqlite:///{tmp_path}/rayhorde.db"
@@ -71,7 +71,7 @@ class ApiServer:
     def start(self) -> None:
         self.db = Database(self.database_url)
         self.ctx = make_ctx(self.db, self.tmp_path, public_url=self.url,
-                            served_models=["tiny-sd15", "tiny-llm"])
+                            served_models=["tiny-sd15", "tiny-llm"], **self.settings)
         config = uvicorn.Config(create_app(self.ctx), host="127.0.0.1", port=self.port,
                                 log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
@@ -146,8 +146,8 @@ def worker_config(api: ApiServer, key: str, models: list[str], **overrides) -> W
 
 @contextmanager
 def running_worker(config: WorkerConfig):
-    """An HttpWorker started in this thread (Ray and Serve need the main thread), its pop loops
-    served from a background thread; stopped, and Ray shut down, on exit."""
+    """An HttpWorker started in this thread (ray.init wants the main thread), its pop loops
+    served from a background thread; stopped, and its Ray shut down, on exit."""
     out = io.StringIO()
     worker = HttpWorker(config, out=out)
     result: dict[str, int] = {}
@@ -200,10 +200,127 @@ def test_bad_key_and_unknown_model_stop_before_ray_starts(api, capsys):
     assert run_worker(worker_config(api, "not-a-real-key-000000", ["tiny-sd15"])) == EXIT_CONFIG
     assert run_worker(worker_config(api, ANON["apikey"], ["tiny-sd15"])) == EXIT_CONFIG
     assert run_worker(worker_config(api, key, ["tiny-sd15", "no-such-model"])) == EXIT_CONFIG
+    assert run_worker(worker_config(api, key, ["tiny-llm"], max_length=1024)) == EXIT_CONFIG
     err = capsys.readouterr().err
+    assert "tiny-llm generates at most 512 tokens" in err
     assert "refused the API key (401" in err
     assert "anonymous key cannot run a worker" in err
     assert "no-such-model" in err and key not in err
+
+
+@contextmanager
+def popping_without_models(config: WorkerConfig, handles: dict | None = None):
+    """The pop loops alone, without Ray: either nothing is queued, so no job needs a model, or
+    `handles` stand in for the deployments."""
+    out = io.StringIO()
+    worker = HttpWorker(config, out=out)
+    worker.handles.update(handles or {})
+    worker.check_api()
+    result: dict[str, int] = {}
+    runner = threading.Thread(target=lambda: result.update(code=worker.serve_forever()),
+                              daemon=True)
+    runner.start()
+    try:
+        yield worker, out, runner, result
+    finally:
+        worker.request_stop("test over")
+        runner.join(timeout=30)
+        print(out.getvalue())
+
+
+class FailingDeployment:
+    """Stands in for a deployment handle whose replica fails every job (a crashed replica, an
+    out-of-memory GPU): handle.options(...).generate.remote(job).result() raises."""
+
+    def __init__(self):
+        self.jobs: list[dict] = []
+
+    def options(self, **_options):
+        return self
+
+    @property
+    def generate(self):
+        return self
+
+    def remote(self, job: dict):
+        self.jobs.append(job)
+        return self
+
+    def result(self, timeout_s=None):
+        raise RuntimeError("replica died")
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_generation_is_submitted_faulted_and_requeued(api):
+    _, key = api.create_user("volunteer")
+    image_id, text_id = queue_image(api, seed="5"), queue_text(api)
+    config = worker_config(api, key, ["tiny-sd15", "tiny-llm"], name="flaky")
+    failing = FailingDeployment()
+    with popping_without_models(config, handles={"tiny-sd15": failing, "tiny-llm": failing}) \
+            as (worker, out, runner, result):
+        # Each faulted submit hands the job back; after max_attempts (3) it ends faulted.
+        wait_until(lambda: image_status(api, image_id)["faulted"]
+                   and text_status(api, text_id)["faulted"], timeout=30, what="both faulted")
+    assert result["code"] == 0 and worker.stats.generations_faulted == 6
+    assert worker.stats.generations_done == 0 and worker.stats.kudos_earned == 0
+    assert "faulted: RuntimeError: replica died" in out.getvalue()
+    image_jobs = [j for j in failing.jobs if "seeds" in j]
+    assert len(image_jobs) == 3 and all(j["seeds"] == [5] for j in image_jobs)
+
+
+@pytest.mark.timeout(60)
+def test_maintenance_is_waited_out_not_fatal(api):
+    _, key = api.create_user("volunteer")
+    config = worker_config(api, key, ["tiny-sd15"], name="fixing", maintenance_retry_seconds=0.2)
+    with popping_without_models(config) as (worker, out, runner, result):
+        wait_until(lambda: httpx.get(f"{api.url}/api/v2/workers", params={"name": "fixing"}).json(),
+                   timeout=10, what="the worker's first pop")
+        (record,) = httpx.get(f"{api.url}/api/v2/workers", params={"name": "fixing"}).json()
+        owner = {"apikey": key}
+        assert httpx.put(f"{api.url}/api/v2/workers/{record['id']}", headers=owner,
+                         json={"maintenance": True, "maintenance_msg": "new GPU"}).status_code == 200
+        wait_until(lambda: out.getvalue().count("in maintenance (new GPU)") >= 3, timeout=10,
+                   what="the worker asking again during maintenance")
+        assert runner.is_alive() and worker.fatal_error is None
+        assert httpx.put(f"{api.url}/api/v2/workers/{record['id']}", headers=owner,
+                         json={"maintenance": False}).status_code == 200
+        seen = out.getvalue().count("in maintenance")
+        time.sleep(1.0)
+        assert out.getvalue().count("in maintenance") <= seen + 1  # popping normally again
+    assert result["code"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_name_of_another_user_is_fatal(api):
+    _, first_key = api.create_user("first")
+    _, key = api.create_user("second")
+    r = httpx.post(f"{api.url}/api/v2/generate/pop", headers={"apikey": first_key},
+                   json={"name": "taken", "models": ["tiny-sd15"]})
+    assert r.status_code == 200
+    config = worker_config(api, key, ["tiny-sd15"], name="taken")
+    with popping_without_models(config) as (worker, out, runner, result):
+        runner.join(timeout=20)
+    assert result["code"] == EXIT_CONFIG
+    assert "WrongCredentials" in worker.fatal_error and "taken" in worker.fatal_error
+    assert "the API refused this worker" in out.getvalue()
+
+
+@pytest.mark.timeout(60)
+def test_rate_limited_pops_honour_retry_after(tmp_path):
+    server = ApiServer(tmp_path, rate_limit_pop="1/minute")
+    server.start()
+    try:
+        _, key = server.create_user("volunteer")
+        config = worker_config(server, key, ["tiny-sd15"], max_backoff_seconds=2.0)
+        with popping_without_models(config) as (worker, out, runner, result):
+            wait_until(lambda: "429 TooManyRequests" in out.getvalue(), timeout=10,
+                       what="a rate-limited pop")
+        line = next(x for x in out.getvalue().splitlines() if "429" in x)
+        delay = float(line.rsplit("retrying in ", 1)[1].split(" s")[0])
+        assert delay >= 50, line  # the server's Retry-After (about a minute), over our 2 s cap
+        assert result["code"] == 0  # the stop cut the wait short
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------------------- with Ray
@@ -316,6 +433,7 @@ def test_sigterm_finishes_the_job_in_flight_and_exits_cleanly(api, tmp_path):
     assert st["done"] and st["finished"] == 2, output
     assert {g["worker_name"] for g in st["generations"]} == {"graceful"}
     assert "received SIGTERM" in output and "2 done" in output and key not in output
+    assert output.index("received SIGTERM") < output.index("2 done")  # it was in flight
 
     def alive(p: psutil.Process) -> bool:
         try:
