@@ -26,7 +26,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import ray
 from sqlalchemy import select, update
 
 from api import ledger
@@ -85,6 +84,8 @@ class VolunteerBridge:
     def refresh(self, now: float | None = None) -> Changes:
         """Compare Ray's live volunteer nodes with the known ones: register the new, retire
         the gone, and heartbeat the rest (uptime, uptime bonus)."""
+        import ray  # here: `rayhorde up` must set Ray's auth settings before Ray is imported
+
         now = time.time() if now is None else now
         live = {n["NodeID"]: n for n in ray.nodes()
                 if n.get("Alive") and (n.get("Labels") or {}).get(VOLUNTEER_LABEL) == "true"}

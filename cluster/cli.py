@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=migrate)
     from cluster.generate_cli import add_parser as add_generate_parser
     add_generate_parser(sub)
+    from cluster.nodes_cli import add_parsers as add_node_parsers
+    add_node_parsers(sub)
     from cluster.http_worker import add_parser as add_worker_parser
     add_worker_parser(sub)
     args = parser.parse_args(argv)
