@@ -37,4 +37,7 @@ bench: install
 	$(BIN)/python bench/statements.py --url $(BENCH_DB)
 	$(BIN)/python bench/queue_depth.py --url $(BENCH_DB)
 	$(SERVE_ENV) $(BIN)/python bench/api_latency.py --url $(BENCH_DB)
+	$(SERVE_ENV) $(BIN)/python bench/pop_latency.py --url $(BENCH_DB)
 	$(SERVE_ENV) $(BIN)/python bench/whole_path.py
+	$(BIN)/python bench/llm_throughput.py
+	$(SERVE_ENV) $(BIN)/python bench/volunteer_nodes.py

@@ -8,13 +8,14 @@ of them grows with `n` or with the queue.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import secrets
 import time
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import bindparam, case, func, select, union_all, update
 
 from api import admission
 from api.auth import ANONYMOUS_USER_ID
@@ -187,6 +188,33 @@ def _counts(session, request_id: str) -> dict[str, int]:
     return counts
 
 
+@functools.lru_cache(maxsize=32)
+def _estimate_statement(n_models: int):
+    """The position query for a request naming `n_models` models (0: any), with bound
+    parameters rid, kind and m0.. m{n-1}: built once per shape, so each check only binds."""
+    Q, G = QueueEntry, Generation
+    models = [bindparam(f"m{i}") for i in range(n_models)]
+    # All of a request's entries share one sort key; found through ix_generations_request_id.
+    mine = (select(Q.sort_key).join(G, G.id == Q.generation_id)
+            .where(G.request_id == bindparam("rid")).limit(1).scalar_subquery())
+    # One ordered index read per queue it waits in (ix_queue_claim per model, or the kind's
+    # whole queue through ix_queue_sort when it names no model), each stopping at the cap.
+    branches = []
+    for model in [*models, queue.ANY_MODEL] if models else [None]:
+        branch = select(Q.generation_id, Q.sort_key).where(Q.sort_key < mine)
+        branch = branch.where(Q.model == model) if model is not None else \
+            branch.where(Q.kind == bindparam("kind"))
+        branches.append(select(branch.order_by(Q.sort_key, Q.id).limit(POSITION_COUNT_CAP)
+                               .subquery()))
+    merged = union_all(*branches).subquery()
+    ahead = select(merged).order_by(merged.c.sort_key).limit(POSITION_COUNT_CAP).subquery()
+    stats = select(func.min(ModelStat.ewma_interval))
+    if models:
+        stats = stats.where(ModelStat.model.in_(models))
+    return select(func.count(func.distinct(ahead.c.generation_id)), func.min(ahead.c.sort_key),
+                  func.max(ahead.c.sort_key), mine, stats.scalar_subquery())
+
+
 def _queue_estimate(session, req: Request, waiting: int) -> tuple[int, int]:
     """(queue_position, wait_time): generations ahead of this request in the queues of its
     models, and seconds until its last waiting one is expected to finish.
@@ -197,22 +225,9 @@ def _queue_estimate(session, req: Request, waiting: int) -> tuple[int, int]:
     """
     if waiting == 0:
         return 0, 0
-    Q, G = QueueEntry, Generation
-    mine = (
-        select(func.min(Q.sort_key)).join(G, G.id == Q.generation_id)
-        .where(G.request_id == req.id, G.state == "waiting").scalar_subquery()
-    )
-    ahead = select(Q.generation_id, Q.sort_key).where(Q.sort_key < mine)
-    if req.models:
-        ahead = ahead.where(Q.model.in_([*req.models, queue.ANY_MODEL]))
-    ahead = ahead.order_by(Q.sort_key).limit(POSITION_COUNT_CAP).subquery()
-    stats = select(func.min(ModelStat.ewma_interval))
-    if req.models:
-        stats = stats.where(ModelStat.model.in_(req.models))
+    params = {"rid": req.id, "kind": req.kind, **{f"m{i}": m for i, m in enumerate(req.models)}}
     counted, first_key, last_key, my_key, per_image = session.execute(
-        select(func.count(func.distinct(ahead.c.generation_id)), func.min(ahead.c.sort_key),
-               func.max(ahead.c.sort_key), mine, stats.scalar_subquery())
-    ).one()
+        _estimate_statement(len(req.models)), params).one()
     position = int(counted)
     if position >= POSITION_COUNT_CAP and my_key is not None:
         density = position / max(last_key - first_key, 1e-9)

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from api import workers
 from api.db.models import User, Worker
 from api.errors import HordeError
-from api.routes.deps import authenticate, ctx_of, rate_limited, registered
+from api.routes.deps import ctx_of, rate_limited, registered
 from api.worker_schemas import (
     ImagePopInput,
     ImagePopResponse,

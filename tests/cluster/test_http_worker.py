@@ -364,41 +364,39 @@ def test_worker_serves_image_and_text_jobs_and_earns_kudos(api):
 
 
 @pytest.mark.timeout(240)
-def test_worker_survives_the_api_restarting(api):
-    """run_worker in this (the main) thread until `stop_when`; the API restarts meanwhile."""
+def test_worker_survives_the_api_restarting(api, tmp_path):
+    """The worker (its own process, with its own Ray) keeps running while the API stops and
+    starts again on the same port and database, and does the work queued after the restart."""
     _, key = api.create_user("volunteer")
-    out = io.StringIO()
-    scenario_over, failures, request_ids = threading.Event(), [], []
-
-    def scenario() -> None:
-        try:
-            request_ids.append(queue_image(api))
-            wait_until(lambda: image_status(api, request_ids[0])["done"], timeout=120,
-                       what="the first request")
-            api.stop()
-            wait_until(lambda: "cannot reach the API" in out.getvalue(), timeout=30,
-                       what="the worker noticing the API is gone")
-            time.sleep(2)  # a few more failed pops, backing off
-            api.start()  # same port, same database: a restarted API
-            request_ids.append(queue_image(api, seed="7"))
-            wait_until(lambda: image_status(api, request_ids[1])["done"], timeout=90,
-                       what="the request queued after the restart")
-        except BaseException as e:  # noqa: BLE001 - reported by the test below
-            failures.append(e)
-        finally:
-            scenario_over.set()
-
-    driver = threading.Thread(target=scenario, daemon=True)
-    driver.start()
-    config = worker_config(api, key, ["tiny-sd15"], name="steady", max_backoff_seconds=1.0)
-    code = run_worker(config, stop_when=scenario_over.is_set, out=out)
-    driver.join(timeout=30)
-    print(out.getvalue())  # shown by pytest when the test fails
-    assert not failures, failures
-    assert code == 0
-    (gen,) = image_status(api, request_ids[1])["generations"]
+    first = queue_image(api)
+    log_path = tmp_path / "worker.log"
+    env = {**os.environ, "RAYHORDE_WORKER_API_KEY": key, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", "worker", "--url", api.url, "--models",
+             "tiny-sd15", "--name", "steady", "--max-backoff", "1"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: image_status(api, first)["done"] or proc.poll() is not None,
+                   timeout=180, what="the first request")
+        assert proc.poll() is None, log_path.read_text()
+        api.stop()
+        wait_until(lambda: "cannot reach the API" in log_path.read_text(), timeout=30,
+                   what="the worker noticing the API is gone")
+        time.sleep(2)  # a few more failed pops, backing off
+        api.start()  # same port, same database: a restarted API
+        second = queue_image(api, seed="7")
+        wait_until(lambda: image_status(api, second)["done"], timeout=90,
+                   what="the request queued after the restart")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (gen,) = image_status(api, second)["generations"]
     assert gen["worker_name"] == "steady" and gen["seed"] == "7"
-    log = out.getvalue()
+    log = log_path.read_text()
     assert "the API answers again" in log and "stopped: 2 generations done" in log
 
 

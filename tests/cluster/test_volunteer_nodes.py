@@ -5,7 +5,6 @@ worker goes offline; a node naming no user is refused."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import func, select
 
 from api.db import queue
-from api.db.models import Generation, QueueEntry, Request, User
+from api.db.models import Generation, QueueEntry, User
 from conftest import add_request, count_statements
 
 pytestmark = pytest.mark.timeout(120)

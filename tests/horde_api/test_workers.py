@@ -7,7 +7,7 @@ import base64
 import time
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from api import ledger
 from api.db import queue
