@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.catalog import Family
 
@@ -24,6 +24,19 @@ SamplerName = Literal[
     "k_dpm_adaptive", "k_dpmpp_2s_a", "k_dpmpp_2m", "dpmsolver", "k_dpmpp_sde", "DDIM", "lcm",
 ]
 Side = Annotated[int, Field(ge=64, le=3072, multiple_of=64)]
+
+
+def _uuid_of(what: str) -> AfterValidator:
+    def canonical(v: str) -> str:
+        try:
+            return str(uuid.UUID(v))
+        except ValueError:
+            raise ValueError(f"{v!r} is not a {what} id") from None
+    return AfterValidator(canonical)
+
+
+WorkerId = Annotated[str, _uuid_of("worker")]
+GenerationId = Annotated[str, _uuid_of("generation")]
 
 
 class _In(BaseModel):
@@ -83,7 +96,7 @@ class ImageGenerateRequest(_In):
     slow_workers: bool = True
     extra_slow_workers: bool = False
     censor_nsfw: bool = False
-    workers: list[str] = Field(default_factory=list, max_length=5)
+    workers: list[WorkerId] = Field(default_factory=list, max_length=5)
     worker_blacklist: bool = False
     models: list[str] = Field(default_factory=list)
     source_image: str | None = None
@@ -99,16 +112,6 @@ class ImageGenerateRequest(_In):
     allow_downgrade: bool = False
     webhook: str | None = None
     style: str | None = None
-
-    @field_validator("workers")
-    @classmethod
-    def _worker_ids(cls, v: list[str]) -> list[str]:
-        for w in v:
-            try:
-                uuid.UUID(w)
-            except ValueError:
-                raise ValueError(f"{w!r} is not a worker id") from None
-        return [str(uuid.UUID(w)) for w in v]
 
     @model_validator(mode="after")
     def _reject_unsupported(self) -> "ImageGenerateRequest":

@@ -3,12 +3,11 @@ declares them, and the OpenAI-compatible requests."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.schemas import RequestStatusCheck
+from api.schemas import GenerationId, RequestStatusCheck, WorkerId
 from api.worker_schemas import PopMessage
 
 
@@ -72,7 +71,7 @@ class TextGenerateRequest(_In):
     trusted_workers: bool = False
     slow_workers: bool = True
     extra_slow_workers: bool = False
-    workers: list[str] = Field(default_factory=list, max_length=5)
+    workers: list[WorkerId] = Field(default_factory=list, max_length=5)
     worker_blacklist: bool = False
     dry_run: bool = False
     softprompt: str | None = None
@@ -83,16 +82,6 @@ class TextGenerateRequest(_In):
     webhook: str | None = None
     style: str | None = None
     extra_source_images: list[dict[str, Any]] | None = None
-
-    @field_validator("workers")
-    @classmethod
-    def _worker_ids(cls, v: list[str]) -> list[str]:
-        for w in v:
-            try:
-                uuid.UUID(w)
-            except ValueError:
-                raise ValueError(f"{w!r} is not a worker id") from None
-        return [str(uuid.UUID(w)) for w in v]
 
 
 class TextGeneration(BaseModel):
@@ -139,18 +128,10 @@ class TextPopResponse(BaseModel):
 
 
 class TextSubmitInput(_In):
-    id: str
+    id: GenerationId
     generation: str = ""
     state: Literal["ok", "censored", "faulted", "csam"] = "ok"
     gen_metadata: list[dict[str, Any]] = Field(default_factory=list, max_length=50)
-
-    @field_validator("id")
-    @classmethod
-    def _uuid(cls, v: str) -> str:
-        try:
-            return str(uuid.UUID(v))
-        except ValueError:
-            raise ValueError("not a generation id") from None
 
 
 # ---------------------------------------------------------------- OpenAI-compatible

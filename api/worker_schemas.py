@@ -4,10 +4,11 @@ it does not know, so answers carry exactly these)."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from api.schemas import GenerationId
 
 
 class _In(BaseModel):
@@ -71,20 +72,12 @@ class ImagePopResponse(BaseModel):
 
 
 class JobSubmitInput(_In):
-    id: str
+    id: GenerationId
     generation: str = ""
     state: Literal["ok", "censored", "faulted", "csam"] = "ok"
     seed: int | None = Field(None, ge=0)
     censored: bool = False
     gen_metadata: list[dict[str, Any]] = Field(default_factory=list, max_length=50)
-
-    @field_validator("id")
-    @classmethod
-    def _uuid(cls, v: str) -> str:
-        try:
-            return str(uuid.UUID(v))
-        except ValueError:
-            raise ValueError("not a generation id") from None
 
 
 class JobSubmitResponse(BaseModel):
