@@ -27,7 +27,8 @@ import httpx  # noqa: E402
 from api.db import queue  # noqa: E402
 from api.db.session import Database  # noqa: E402
 from api.storage import LocalStorage  # noqa: E402
-from bench_common import UNLIMITED, pct, reset_database  # noqa: E402
+from api.db.migrate import reset  # noqa: E402
+from bench_common import UNLIMITED, pct  # noqa: E402
 from serve_harness import running_cluster  # noqa: E402
 
 API = "http://127.0.0.1:8000/api/v2"
@@ -82,7 +83,7 @@ def main() -> None:
     ap.add_argument("--url", default="postgresql://postgres@127.0.0.1:5432/test")
     ap.add_argument("--calls", type=int, default=400, help="calls per measurement")
     args = ap.parse_args()
-    reset_database(args.url)
+    reset(args.url)
     workdir = Path(tempfile.mkdtemp(prefix="rayhorde-bench-"))
     rows = []
     with running_cluster(workdir, database_url=args.url, dispatch=False,
@@ -104,7 +105,7 @@ def main() -> None:
     print(f"{'call':<12}{'clients':>8}{'p50 ms':>10}{'p99 ms':>10}{'calls/s':>10}")
     for name, clients, p50, p99, rate in rows:
         print(f"{name:<12}{clients:>8}{p50:>10.2f}{p99:>10.2f}{rate:>10.1f}")
-    reset_database(args.url)
+    reset(args.url)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import text
 
 from api.db import queue
-from api.db.migrate import upgrade
-from api.db.models import Base, Request
+from api.db.models import Request
 from api.db.session import Database
 
 PARAMS = {"width": 512, "height": 512, "steps": 30, "cfg_scale": 5, "sampler_name": "k_euler",
@@ -24,16 +22,6 @@ UNLIMITED = {"rate_limit_submit": "1000000/minute", "rate_limit_poll": "1000000/
 def pct(xs: list[float], p: float) -> float:
     """The p-quantile (0..1) of `xs`, nearest rank."""
     return sorted(xs)[min(len(xs) - 1, int(len(xs) * p))]
-
-
-def reset_database(url: str) -> Database:
-    """Empty the database at `url` and migrate it to the latest schema."""
-    db = Database(url)
-    with db.engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-        Base.metadata.drop_all(conn)
-    upgrade(db)
-    return db
 
 
 def fill(db: Database, waiting: int, model: str = "tiny-sd15", batch: int = 5000) -> None:

@@ -28,7 +28,8 @@ from sqlalchemy import text  # noqa: E402
 
 from api.auth import hash_api_key  # noqa: E402
 from api.db.models import User  # noqa: E402
-from bench_common import UNLIMITED, fill, pct, reset_database  # noqa: E402
+from api.db.migrate import reset  # noqa: E402
+from bench_common import UNLIMITED, fill, pct  # noqa: E402
 from serve_harness import running_cluster  # noqa: E402
 
 API = "http://127.0.0.1:8000/api/v2"
@@ -65,7 +66,7 @@ def main() -> None:
     ap.add_argument("--waiting", type=int, default=100_000)
     ap.add_argument("--pops", type=int, default=800, help="pops per measurement")
     args = ap.parse_args()
-    db = reset_database(args.url)
+    db = reset(args.url)
     with db.write() as s:
         s.add(User(username="bench", api_key_hash=hash_api_key(KEY, "rayhorde-default-salt")))
     rows = []
@@ -91,7 +92,7 @@ def main() -> None:
     for name, clients, lat, rate in rows:
         print(f"{name:<30}{clients:>8}{statistics.median(lat):>10.2f}{pct(lat, 0.99):>10.2f}"
               f"{rate:>10.1f}")
-    reset_database(args.url)
+    reset(args.url)
 
 
 if __name__ == "__main__":

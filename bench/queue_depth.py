@@ -23,7 +23,8 @@ from api.db.session import Database  # noqa: E402
 from api.images import Context, check  # noqa: E402
 from api.settings import Settings  # noqa: E402
 from api.storage import LocalStorage  # noqa: E402
-from bench_common import fill, pct, reset_database  # noqa: E402
+from api.db.migrate import reset  # noqa: E402
+from bench_common import fill, pct  # noqa: E402
 from models.catalog import load_catalog  # noqa: E402
 
 def last_request(db: Database) -> str:
@@ -41,7 +42,7 @@ def timed(fn, repeat: int) -> list[float]:
 
 
 def measure(db: Database, ctx: Context, waiting: int, repeat: int) -> dict:
-    reset_database(db.url)
+    reset(db.url)
     fill(db, waiting)
     with db.engine.begin() as conn:  # what autovacuum does on a live server
         conn.execute(text("ANALYZE"))
@@ -80,7 +81,7 @@ def main() -> None:
     for name in ("check", "claim+release"):
         ratio = statistics.median(results[args.deep][name]) / statistics.median(results[10][name])
         print(f"ratio {name} p50 at {args.deep} / at 10 waiting: {ratio:.2f}")
-    reset_database(db.url)
+    reset(db.url)
 
 
 if __name__ == "__main__":

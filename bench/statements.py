@@ -24,7 +24,8 @@ from api.app import context_from_settings, create_app  # noqa: E402
 from api.auth import hash_api_key  # noqa: E402
 from api.db.models import User  # noqa: E402
 from api.settings import Settings  # noqa: E402
-from bench_common import UNLIMITED, reset_database  # noqa: E402
+from api.db.migrate import reset  # noqa: E402
+from bench_common import UNLIMITED  # noqa: E402
 from conftest import TINY_MODELS, count_statements  # noqa: E402
 
 HEADERS = {"apikey": "0000000000"}
@@ -35,7 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default="postgresql://postgres@127.0.0.1:5432/test")
     args = ap.parse_args()
-    db = reset_database(args.url)
+    db = reset(args.url)
     settings = Settings(database_url=args.url, storage_dir=tempfile.mkdtemp(),
                         catalog_path=str(ROOT / "configs" / "models.yaml"),
                         served_models=TINY_MODELS, **UNLIMITED)
@@ -85,7 +86,7 @@ def main() -> None:
     print(f"{'call':<14}{'n':>4}{'waiting before':>16}{'statements':>12}")
     for name, n, backlog, count in rows:
         print(f"{name:<14}{n:>4}{backlog:>16}{count:>12}")
-    reset_database(args.url)
+    reset(args.url)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "serve")]
 
 import httpx  # noqa: E402
 
-from bench_common import reset_database  # noqa: E402
+from api.db.migrate import reset  # noqa: E402
 from serve_harness import running_cluster  # noqa: E402
 
 API = "http://127.0.0.1:8000/api/v2"
@@ -80,7 +80,7 @@ def main() -> None:
     args = ap.parse_args()
     url = None if args.url == "sqlite" else args.url
     if url:
-        reset_database(url)
+        reset(url)
     cluster = statistics.median(through_cluster(args.runs, url))
     pipeline = statistics.median(direct(args.runs))
     print(f"tiny-sd15 512x512, 30 steps, 1 image; median of {args.runs}; "

@@ -8,11 +8,10 @@ import time
 from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import event
 
 from api.app import create_app, make_limiter
-from api.db.migrate import upgrade
-from api.db.models import Base
+from api.db.migrate import reset, upgrade
 from api.db.session import Database
 from api.images import Context
 from api.settings import Settings
@@ -25,22 +24,13 @@ POSTGRES_URL = os.environ.get("RAYHORDE_TEST_POSTGRES_URL",
 TINY_MODELS = ["tiny-sd15", "tiny-sdxl", "tiny-cascade", "tiny-llm"]
 
 
-def _reset_postgres(url: str) -> Database:
-    db = Database(url)
-    with db.engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-        Base.metadata.drop_all(conn)
-    upgrade(db)
-    return db
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def db(request, tmp_path):
     if request.param == "sqlite":
         database = Database(f"sqlite:///{tmp_path}/rayhorde.db")
         upgrade(database)
     else:
-        database = _reset_postgres(POSTGRES_URL)
+        database = reset(POSTGRES_URL)
     yield database
     database.dispose()
 

@@ -36,3 +36,18 @@ def upgrade(db: Database, revision: str = "head") -> None:
             if not db.is_sqlite:
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_ID})
                 conn.commit()
+
+
+def reset(url: str) -> Database:
+    """Drop every table of the database at `url` and migrate it afresh: for tests and
+    benchmarks on scratch databases, never a live one."""
+    from sqlalchemy import text
+
+    from api.db.models import Base
+
+    db = Database(url)
+    with db.engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+        Base.metadata.drop_all(conn)
+    upgrade(db)
+    return db
