@@ -13,6 +13,8 @@ import base64
 import binascii
 import time
 import uuid
+from collections.abc import Callable
+from typing import NamedTuple
 
 from sqlalchemy import select, update
 
@@ -158,33 +160,50 @@ def pop_image(ctx: Context, user: User, body: ImagePopInput) -> ImagePopResponse
     )
 
 
-def submit_image(ctx: Context, user: User, body: JobSubmitInput) -> float:
-    """Record one generation's result, exactly once; returns the reward credited to `user`."""
+class Held(NamedTuple):
+    claim_id: str
+    worker_id: str
+    worker_name: str
+    seed: int
+    request_id: str
+
+
+def record(ctx: Context, user: User, generation_id: str, state: str,
+           result: Callable[[Held], queue.Result]) -> float:
+    """A worker's submit, image or text: the job must be held by one of `user`'s workers; a
+    fault hands it back to the queue, anything else is recorded exactly once through
+    `result(held)`. Returns the reward credited to `user`."""
     now = time.time()
     with ctx.db.write() as session:
-        claim_id, worker_id, worker_name, seed, request_id = held_by(session, user, body.id)
-        if body.state == "faulted":
-            queue.release_in(session, [(body.id, claim_id)], f"worker {worker_name} reported a fault",
-                             ctx.settings.max_attempts)
+        held = held_by(session, user, generation_id)
+        if state == "faulted":
+            queue.release_in(session, [(generation_id, held.claim_id)],
+                             f"worker {held.worker_name} reported a fault", ctx.settings.max_attempts)
             return 0.0
-        key = _store_result(ctx, body, image_key(request_id, body.id))
-        censored = body.state in ("censored", "csam") or body.censored
-        metadata = list(body.gen_metadata)
-        if body.state == "csam":
-            metadata.append({"type": "censorship", "value": "csam"})
-        finished = queue.finish_in(session, [queue.Result(
-            generation_id=body.id, claim_id=claim_id, storage_key=key,
-            seed=body.seed if body.seed is not None else seed, worker_id=worker_id,
-            worker_name=worker_name, owner_id=user.id, censored=censored,
-            gen_metadata=metadata)], now)
+        finished = queue.finish_in(session, [result(held)], now)
         if not finished:  # another submit of the same job won the compare-and-set
-            raise HordeError(400, "DuplicateGen", f"id: generation {body.id} was already submitted")
+            raise HordeError(400, "DuplicateGen", f"id: generation {generation_id} was already submitted")
         return finished[0].reward
 
 
-def held_by(session, user: User, generation_id: str) -> tuple[str, str, str, int, str]:
-    """(claim id, worker id, worker name, seed, request id) of a generation one of `user`'s
-    workers holds now; otherwise the AI Horde's error for why not. One statement."""
+def submit_image(ctx: Context, user: User, body: JobSubmitInput) -> float:
+    def result(held: Held) -> queue.Result:
+        key = _store_result(ctx, body, image_key(held.request_id, body.id))
+        metadata = list(body.gen_metadata)
+        if body.state == "csam":
+            metadata.append({"type": "censorship", "value": "csam"})
+        return queue.Result(
+            generation_id=body.id, claim_id=held.claim_id, storage_key=key,
+            seed=body.seed if body.seed is not None else held.seed, worker_id=held.worker_id,
+            worker_name=held.worker_name, owner_id=user.id,
+            censored=body.state in ("censored", "csam") or body.censored, gen_metadata=metadata)
+
+    return record(ctx, user, body.id, body.state, result)
+
+
+def held_by(session, user: User, generation_id: str) -> Held:
+    """The claim of a generation one of `user`'s workers holds now; otherwise the AI Horde's
+    error for why not. One statement."""
     row = session.execute(
         select(Generation.state, Generation.claim_id, Generation.seed, Worker.id, Worker.name,
                Worker.owner_id, Generation.request_id)
@@ -202,7 +221,7 @@ def held_by(session, user: User, generation_id: str) -> tuple[str, str, str, int
         raise HordeError(400, "RequestExpired",
                          f"id: generation {generation_id} is not held by your workers: its time "
                          "to live ran out and it went back to the queue")
-    return claim_id, worker_id, worker_name, seed, request_id
+    return Held(claim_id, worker_id, worker_name, seed, request_id)
 
 
 def _store_result(ctx: Context, body: JobSubmitInput, key: str) -> str:
@@ -278,20 +297,8 @@ TEXT_PAYLOAD_KEYS = ("max_length", "max_context_length", "temperature", "top_p",
 
 
 def submit_text(ctx: Context, user: User, body: TextSubmitInput) -> float:
-    """Record one text generation's result, exactly once; returns the reward."""
-    now = time.time()
-    with ctx.db.write() as session:
-        claim_id, worker_id, worker_name, seed, _ = held_by(session, user, body.id)
-        if body.state == "faulted":
-            queue.release_in(session, [(body.id, claim_id)], f"worker {worker_name} reported a fault",
-                             ctx.settings.max_attempts)
-            return 0.0
-        censored = body.state in ("censored", "csam")
-        finished = queue.finish_in(session, [queue.Result(
-            generation_id=body.id, claim_id=claim_id, storage_key=None, seed=seed,
-            worker_id=worker_id, worker_name=worker_name, owner_id=user.id, censored=censored,
-            gen_metadata=list(body.gen_metadata), text="" if body.state == "csam" else body.generation)],
-            now)
-        if not finished:
-            raise HordeError(400, "DuplicateGen", f"id: generation {body.id} was already submitted")
-        return finished[0].reward
+    return record(ctx, user, body.id, body.state, lambda held: queue.Result(
+        generation_id=body.id, claim_id=held.claim_id, storage_key=None, seed=held.seed,
+        worker_id=held.worker_id, worker_name=held.worker_name, owner_id=user.id,
+        censored=body.state in ("censored", "csam"), gen_metadata=list(body.gen_metadata),
+        text="" if body.state == "csam" else body.generation))

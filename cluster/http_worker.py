@@ -353,6 +353,12 @@ class HttpWorker:
         return str(body.get("username"))  # the horde's alias, name#id
 
     def start_ray(self) -> None:
+        # This worker calls its deployments from plain threads and opens no ingress; Serve's
+        # throughput-optimized mode (which a cluster machine may have in its environment)
+        # would require every handle call to come from an event loop. Read when Serve is
+        # imported, so set before.
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "0"
+        os.environ.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
         import ray
         from ray import serve
 

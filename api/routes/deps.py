@@ -7,12 +7,15 @@ import hashlib
 from collections.abc import Callable
 
 from fastapi import Header, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from api.auth import ANONYMOUS_KEY, ANONYMOUS_USER_ID, hash_api_key
 from api.db.models import User
 from api.errors import HordeError
 from api.images import Context
+from api.schemas import RequestAsyncResponse
 
 
 def ctx_of(request: Request) -> Context:
@@ -74,3 +77,28 @@ def rate_limited(group: str) -> Callable:
             limiter.check(group, apikey, client_ip(request))
 
     return dependency
+
+
+async def accept_request(request: Request, body, apikey: str | None, price: Callable,
+                         submit: Callable):
+    """The shape of both `/generate/async` routes: a dry run is priced (200 `{kudos}`); any
+    other request is queued (`submit(ctx, session, user, body, requester, client_agent)` ->
+    (request, warnings)) and the dispatcher woken, on the event loop and after the commit,
+    since Serve handles must be called from the loop."""
+    ctx = ctx_of(request)
+    if body.dry_run:
+        def priced() -> float:
+            with ctx.db.read() as session:
+                authenticate(ctx, session, apikey)
+                return price(ctx, body)
+        return JSONResponse({"kudos": await run_in_threadpool(priced)}, status_code=200)
+    agent, ip = client_agent(request), client_ip(request)
+
+    def queued():
+        with ctx.db.write() as session:
+            user = authenticate(ctx, session, apikey)
+            return submit(ctx, session, user, body, requester_of(user, ip), agent)
+
+    req, warnings = await run_in_threadpool(queued)
+    request.app.state.on_submit()
+    return RequestAsyncResponse(id=req.id, kudos=req.kudos, warnings=warnings or None)

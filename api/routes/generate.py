@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from api import images
-from api.routes.deps import authenticate, client_agent, client_ip, ctx_of, rate_limited, requester_of
+from api.routes.deps import accept_request, ctx_of, rate_limited
 from api.schemas import ImageGenerateRequest, RequestAsyncResponse, RequestStatusCheck, RequestStatusStable
 
 router = APIRouter(tags=["generate"])
@@ -18,27 +16,10 @@ poll_limit = Depends(rate_limited("poll"))
              response_model_exclude_none=True, dependencies=[Depends(rate_limited("submit"))])
 async def generate_async(body: ImageGenerateRequest, request: Request,
                          apikey: str | None = Header(None)):
-    ctx = ctx_of(request)
-    if body.dry_run:
-        kudos = await run_in_threadpool(_price, ctx, body, apikey)
-        return JSONResponse({"kudos": kudos}, status_code=200)
-    req, warnings = await run_in_threadpool(_submit, ctx, body, apikey, client_agent(request),
-                                            client_ip(request))
-    # On the event loop, after the commit: Serve handles must be called from the loop.
-    request.app.state.on_submit()
-    return RequestAsyncResponse(id=req.id, kudos=req.kudos, warnings=warnings or None)
-
-
-def _price(ctx, body: ImageGenerateRequest, apikey: str | None) -> float:
-    with ctx.db.read() as session:
-        authenticate(ctx, session, apikey)
-        return images.price(ctx, body)
-
-
-def _submit(ctx, body: ImageGenerateRequest, apikey: str | None, agent: str, ip: str):
-    with ctx.db.write() as session:
-        user = authenticate(ctx, session, apikey)
-        return images.submit(ctx, user, body, agent, requester_of(user, ip), session)
+    return await accept_request(
+        request, body, apikey, images.price,
+        lambda ctx, session, user, body, requester, agent:
+            images.submit(ctx, user, body, agent, requester, session))
 
 
 @router.get("/generate/check/{request_id}", response_model=RequestStatusCheck,

@@ -4,11 +4,9 @@ worker protocol."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from api import images, texts, workers
-from api.routes.deps import authenticate, client_agent, client_ip, ctx_of, rate_limited, registered, requester_of
+from api.routes.deps import accept_request, ctx_of, rate_limited, registered
 from api.schemas import RequestAsyncResponse
 from api.text_schemas import TextGenerateRequest, TextPopInput, TextPopResponse, TextStatus, TextSubmitInput
 from api.worker_schemas import JobSubmitResponse
@@ -19,26 +17,10 @@ router = APIRouter(tags=["text"])
 @router.post("/generate/text/async", status_code=202, response_model=RequestAsyncResponse,
              response_model_exclude_none=True, dependencies=[Depends(rate_limited("submit"))])
 async def text_async(body: TextGenerateRequest, request: Request, apikey: str | None = Header(None)):
-    ctx = ctx_of(request)
-    if body.dry_run:
-        kudos = await run_in_threadpool(_price, ctx, body, apikey)
-        return JSONResponse({"kudos": kudos}, status_code=200)
-    req, warnings = await run_in_threadpool(_submit, ctx, body, apikey, client_agent(request),
-                                            client_ip(request))
-    request.app.state.on_submit()
-    return RequestAsyncResponse(id=req.id, kudos=req.kudos, warnings=warnings or None)
-
-
-def _price(ctx, body: TextGenerateRequest, apikey: str | None) -> float:
-    with ctx.db.read() as session:
-        authenticate(ctx, session, apikey)
-        return texts.price(ctx, body)
-
-
-def _submit(ctx, body: TextGenerateRequest, apikey: str | None, agent: str, ip: str):
-    with ctx.db.write() as session:
-        user = authenticate(ctx, session, apikey)
-        return texts.submit_horde(ctx, session, user, body, requester_of(user, ip), agent)
+    return await accept_request(
+        request, body, apikey, texts.price,
+        lambda ctx, session, user, body, requester, agent:
+            texts.submit_horde(ctx, session, user, body, requester, agent))
 
 
 @router.get("/generate/text/status/{request_id}", response_model=TextStatus,

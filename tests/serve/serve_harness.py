@@ -87,6 +87,7 @@ def running_cluster(workdir: Path, database_url: str | None = None, families: di
     from api.db.session import get_database
     from cluster.deploy import APP_NAME, deploy, load_config
 
+    saved_env = {k: os.environ.get(k) for k in SERVE_ENV}
     os.environ.update(SERVE_ENV)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     node_id = ray.get_runtime_context().get_node_id()
@@ -121,6 +122,11 @@ def running_cluster(workdir: Path, database_url: str | None = None, families: di
         deadline = time.time() + 30
         while haproxy_pids(node_id) and time.time() < deadline:
             time.sleep(0.5)
+        for key, value in saved_env.items():  # later tests get this process's own env back
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         left = haproxy_pids(node_id)
         for pid in left:  # clean up for the next test, then fail this one
             os.kill(pid, signal.SIGKILL)
