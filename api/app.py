@@ -102,13 +102,15 @@ def create_app(ctx: Context, on_submit: Callable[[], None] | None = None,
 def context_from_settings(settings) -> Context:
     from api.db.session import get_database
     from api.storage import make_storage
+    from models.adapters import load_adapter_catalog
     from models.catalog import load_catalog
 
     catalog = load_catalog(settings.catalog_path)
     if settings.served_models:
         catalog = catalog.select(settings.served_models)
     return Context(settings=settings, db=get_database(settings.database_url),
-                   storage=make_storage(settings), catalog=catalog, limiter=make_limiter(settings))
+                   storage=make_storage(settings), catalog=catalog, limiter=make_limiter(settings),
+                   adapters=load_adapter_catalog(settings.adapter_catalog_path))
 
 
 def make_limiter(settings) -> RateLimiter:

@@ -13,11 +13,11 @@ import hashlib
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import bindparam, case, func, select, union_all, update
 
-from api import admission
+from api import admission, image_workflows
 from api.auth import ANONYMOUS_USER_ID
 from api.db import queue
 from api.db.models import Generation, ModelStat, QueueEntry, Request, User
@@ -33,6 +33,7 @@ from api.schemas import (
 )
 from api.settings import Settings
 from api.storage import Storage
+from models.adapters import AdapterCatalog
 from models.catalog import Catalog, Family
 
 # Counting the queue ahead of a request stops here; beyond it the position is extrapolated.
@@ -48,6 +49,7 @@ class Context:
     storage: Storage
     catalog: Catalog  # the models this cluster serves
     limiter: RateLimiter | None = None
+    adapters: AdapterCatalog = field(default_factory=AdapterCatalog)  # LoRAs and TIs
 
 
 def seed_to_int(seed: str) -> int:
@@ -89,9 +91,30 @@ def _family(ctx: Context, body: ImageGenerateRequest) -> Family:
 
 
 def price(ctx: Context, body: ImageGenerateRequest) -> float:
+    """The request's kudos (dry_run shows it); refuses what no workflow runs."""
+    family = _family(ctx, body)
+    image_workflows.check(ctx.catalog, ctx.adapters, body, family)
+    return _cost(body, family)
+
+
+def _cost(body: ImageGenerateRequest, family: Family) -> float:
+    """The AI Horde's legacy price: x1.3 with a source image, +3 per LoRA, +1 with TIs; the
+    hires fix also pays for its first pass (native size, the request's steps)."""
     p = body.params
-    return image_cost(width=p.width, height=p.height, steps=p.steps, n=p.n,
-                      family=_family(ctx, body))
+    extras = dict(source_image=body.source_image is not None, loras=len(p.loras), tis=bool(p.tis))
+    cost = image_cost(width=p.width, height=p.height, steps=p.steps, n=p.n, family=family, **extras)
+    first = image_workflows.hires_first_pass(body, family)
+    if first is not None:
+        cost += image_cost(width=first[0], height=first[1], steps=p.steps, n=p.n, family=family,
+                           source_image=extras["source_image"]) - REQUEST_TAX
+    return round(cost, 2)
+
+
+def prepare(ctx: Context, body: ImageGenerateRequest) -> image_workflows.StoredSources:
+    """Before the request's transaction (blocking, off the event loop): the cheap rules first,
+    then the source image and mask fetched or decoded with limits and stored once."""
+    image_workflows.check(ctx.catalog, ctx.adapters, body, _family(ctx, body))
+    return image_workflows.store(ctx.settings, ctx.storage, body)
 
 
 def requirement_warnings(ctx: Context, body: ImageGenerateRequest) -> list[dict[str, str]]:
@@ -119,14 +142,17 @@ def requirement_warnings(ctx: Context, body: ImageGenerateRequest) -> list[dict[
 
 
 def submit(ctx: Context, user: User, body: ImageGenerateRequest, client_agent: str,
-           requester: str, session) -> tuple[Request, list[dict[str, str]]]:
+           requester: str, session,
+           stored: image_workflows.StoredSources) -> tuple[Request, list[dict[str, str]]]:
     """Validate the request against the user's standing, then write it, its generations and
     their queue entries. Everything that can refuse it runs before the first write; the caller's
-    transaction rolls back on any error, so a refused request leaves nothing behind."""
+    transaction rolls back on any error (and deletes what `prepare` stored), so a refused
+    request leaves nothing behind."""
     p = body.params
     family = _family(ctx, body)
+    image_workflows.check(ctx.catalog, ctx.adapters, body, family)
     warnings = requirement_warnings(ctx, body)
-    kudos = image_cost(width=p.width, height=p.height, steps=p.steps, n=p.n, family=family)
+    kudos = _cost(body, family)
     anonymous = user.id == ANONYMOUS_USER_ID
     holds_upfront = not anonymous and user.kudos >= kudos
     if needs_upfront_kudos(p.width, p.height, p.steps) and not holds_upfront:
@@ -146,13 +172,15 @@ def submit(ctx: Context, user: User, body: ImageGenerateRequest, client_agent: s
     positive, negative = body.split_prompt()
     now = time.time()
     req = Request(
-        id=str(uuid.uuid4()), kind="image", user_id=user.id, prompt=positive,
+        id=stored.request_id, kind="image", user_id=user.id, prompt=positive,
         negative_prompt=negative, params=p.model_dump(mode="json"), models=list(body.models),
         n=p.n, r2=body.r2, nsfw=nsfw, censor_nsfw=censor_nsfw, shared=body.shared, kudos=kudos,
         cancelled=False, client_agent=client_agent, created_at=now, requester=requester,
         workers=list(body.workers), worker_blacklist=body.worker_blacklist,
         trusted_workers=body.trusted_workers, slow_workers=body.slow_workers,
         extra_slow_workers=body.extra_slow_workers,
+        source_processing=body.source_processing if body.source_image is not None else None,
+        source_image_key=stored.image_key, source_mask_key=stored.mask_key,
     )
     session.add(req)
     session.flush()
@@ -161,7 +189,7 @@ def submit(ctx: Context, user: User, body: ImageGenerateRequest, client_agent: s
         megapixelsteps=p.width * p.height * p.steps / 1e6, nsfw=nsfw, trusted_only=body.trusted_workers,
         slow_ok=body.slow_workers, extra_slow_ok=body.extra_slow_workers, upfront=holds_upfront,
         target_mode=admission.target_mode(body.workers, body.worker_blacklist),
-        target_workers=tuple(body.workers),
+        target_workers=tuple(body.workers), features=image_workflows.features(body, family),
     )
     tax = REQUEST_TAX / p.n
     queue.enqueue(session, req, seeds_for(body), list(body.models),

@@ -1,9 +1,9 @@
 """AI Horde v2 wire schemas (pydantic), kept apart from the ORM models.
 
-Field names, defaults and limits are the AI Horde's (shared/horde-facts.md). Features that later
-issues add (source images, post-processing, LoRAs, ControlNet, hires fix, transparency, QR-code
-workflow) are accepted at their neutral values and rejected with a 400 naming the field when a
-request asks for them, rather than being silently ignored.
+Field names, defaults and limits are the AI Horde's (shared/horde-facts.md). Features this
+cluster does not run yet (post-processing, ControlNet, the QR-code workflow, remix, ...) are
+accepted at their neutral values and rejected with a 400 naming the field when a request asks
+for them, rather than being silently ignored.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from models.adapters import MAX_LORAS, MAX_TIS, LoraSpec, TiSpec
 from models.catalog import Family
 
 SAMPLERS = (
@@ -63,8 +64,8 @@ class ImageParams(_In):
     image_is_control: bool = False
     return_control_map: bool = False
     facefixer_strength: float | None = Field(None, ge=0, le=1)
-    loras: list[dict[str, Any]] = Field(default_factory=list, max_length=5)
-    tis: list[dict[str, Any]] = Field(default_factory=list, max_length=20)
+    loras: list[LoraSpec] = Field(default_factory=list, max_length=MAX_LORAS)
+    tis: list[TiSpec] = Field(default_factory=list, max_length=MAX_TIS)
     special: dict[str, Any] = Field(default_factory=dict)
     extra_texts: list[dict[str, Any]] = Field(default_factory=list)
     workflow: str | None = None
@@ -82,10 +83,12 @@ class ImageParams(_In):
 
 # (field, value that means "not asked for") for features that later workflows implement.
 NOT_YET_SUPPORTED_PARAMS = {
-    "post_processing": [], "hires_fix": False, "control_type": None, "loras": [], "tis": [],
-    "workflow": None, "transparent": False, "extra_texts": [], "tiling": False,
+    "post_processing": [], "control_type": None,
+    "workflow": None, "extra_texts": [], "tiling": False,
     "image_is_control": False, "return_control_map": False,
 }
+# A source image or mask: base64 (the body limit bounds it too) or an http(s) URL.
+SourceField = Annotated[str, Field(min_length=1, max_length=24 * 1024 * 1024)]
 
 
 class ImageGenerateRequest(_In):
@@ -99,9 +102,9 @@ class ImageGenerateRequest(_In):
     workers: list[WorkerId] = Field(default_factory=list, max_length=5)
     worker_blacklist: bool = False
     models: list[str] = Field(default_factory=list)
-    source_image: str | None = None
+    source_image: SourceField | None = None
     source_processing: Literal["img2img", "inpainting", "outpainting", "remix"] = "img2img"
-    source_mask: str | None = None
+    source_mask: SourceField | None = None
     extra_source_images: list[dict[str, Any]] | None = Field(None, max_length=5)
     r2: bool = True
     shared: bool = False
@@ -118,7 +121,7 @@ class ImageGenerateRequest(_In):
         for name, neutral in NOT_YET_SUPPORTED_PARAMS.items():
             if getattr(self.params, name) != neutral:
                 raise UnsupportedField(f"params.{name}")
-        for name in ("source_image", "source_mask", "extra_source_images", "webhook", "style"):
+        for name in ("extra_source_images", "webhook", "style"):
             if getattr(self, name):
                 raise UnsupportedField(name)
         return self

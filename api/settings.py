@@ -24,12 +24,22 @@ class Settings(BaseSettings):
     # Where clients reach the API; image URLs under local storage are built from it.
     public_url: str = "http://127.0.0.1:8000"
     catalog_path: str = "configs/models.yaml"
+    # LoRAs and textual inversions (models/adapters.py): which names resolve, and whether
+    # workers may download others from CivitAI.
+    adapter_catalog_path: str = "configs/adapters.yaml"
     # The models this cluster serves; empty means every model of the catalog.
     served_models: list[str] = Field(default_factory=list)
     # Salt mixed into API key hashes; set a secret one in production. It also signs the
     # upload URLs that local storage hands to HTTP workers.
     key_salt: str = "rayhorde-default-salt"
     max_body_bytes: int = 16 * 1024 * 1024
+    # Source images and masks (api/sources.py): bytes and pixels accepted, how long fetching a
+    # URL may take, and whether URLs may point at private, loopback or link-local addresses
+    # (never on a public cluster: it would let anyone probe the cluster's own network).
+    max_source_bytes: int = 10 * 1024 * 1024
+    max_source_pixels: int = 3072 * 3072
+    source_fetch_timeout_seconds: float = 10.0
+    allow_private_source_urls: bool = False
     # A generation that fails this many times ends `faulted`.
     max_attempts: int = 3
 

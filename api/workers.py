@@ -101,8 +101,11 @@ def capabilities(ctx: Context, user: User, worker: Worker, body: ImagePopInput,
     if body.limit_max_steps:
         limits = [ctx.catalog.get(m).requirements.max_steps for m in models if ctx.catalog.get(m)]
         max_steps = max((x for x in limits if x is not None), default=None)
+    # Requests that name no model run on the first model that is not inpainting-only.
+    any_model = next((m for m in models if not (e := ctx.catalog.get(m)) or not e.inpainting), "")
     return queue.Capabilities(
-        worker_id=worker.id, models=models, max_pixels=body.max_pixels, nsfw=body.nsfw,
+        worker_id=worker.id, models=models, any_model=any_model, max_pixels=body.max_pixels,
+        nsfw=body.nsfw,
         trusted=user.trusted, slow=is_slow(ctx, worker), extra_slow=body.extra_slow_worker,
         require_upfront_kudos=body.require_upfront_kudos, max_steps=max_steps,
         features=features, blacklist=tuple(body.blacklist),
@@ -148,14 +151,25 @@ def pop_image(ctx: Context, user: User, body: ImagePopInput) -> ImagePopResponse
         "width": p["width"], "height": p["height"], "sampler_name": p["sampler_name"],
         "cfg_scale": p["cfg_scale"], "karras": p["karras"], "clip_skip": p["clip_skip"],
         "tiling": p["tiling"], "hires_fix": p["hires_fix"], "post_processing": p["post_processing"],
-        "use_nsfw_censor": first.censor_nsfw,
+        "use_nsfw_censor": first.censor_nsfw, "transparent": p.get("transparent", False),
+        "hires_fix_denoising_strength": p.get("hires_fix_denoising_strength"),
+        "loras": p.get("loras", []), "tis": p.get("tis", []),
     }
+    if first.source_image_key is not None:
+        payload["denoising_strength"] = p.get("denoising_strength")
     ids = [j.generation_id for j in jobs]
     uploads = [ctx.storage.upload_url(image_key(j.request_id, j.generation_id), first.ttl + 60)
                for j in jobs]
+    # The stored source and mask, as URLs the worker downloads (valid for the job's time).
+    source = mask = None
+    if first.source_image_key is not None:
+        source = ctx.storage.url(first.source_image_key)
+        if first.source_mask_key is not None:
+            mask = ctx.storage.url(first.source_mask_key)
     return ImagePopResponse(
         payload=payload, ids=ids, id=ids[0], model=first.model, shared=first.shared,
-        source_processing="txt2img", r2_upload=uploads[0], r2_uploads=uploads, ttl=first.ttl,
+        source_processing=first.source_processing or "img2img", source_image=source,
+        source_mask=mask, r2_upload=uploads[0], r2_uploads=uploads, ttl=first.ttl,
         skipped={}, messages=messages,
     )
 

@@ -35,8 +35,8 @@ PROMPT = "a lighthouse on a cliff ### fog"
 def direct(runs: int) -> list[float]:
     import torch
 
-    from deployments.image_common import encode_webp
-    from deployments.sd15 import SD15Generator
+    from deployments.diffusion.common import encode_webp
+    from deployments.diffusion.deployment import SD15Generator
     from models.catalog import load_catalog
 
     entry = load_catalog(ROOT / "configs" / "models.yaml").get("tiny-sd15")

@@ -56,19 +56,27 @@ def _absolute(settings: Settings) -> Settings:
         updates["database_url"] = f"sqlite:///{Path(rel).resolve()}"
     updates["storage_dir"] = str(Path(settings.storage_dir).resolve())
     updates["catalog_path"] = str(Path(settings.catalog_path).resolve())
+    updates["adapter_catalog_path"] = str(Path(settings.adapter_catalog_path).resolve())
     return settings.model_copy(update=updates)
 
 
+def adapter_catalog(settings: Settings) -> dict:
+    """The LoRA / TI catalog the image deployments get, its cache folder made absolute."""
+    from models.adapters import load_adapter_catalog
+
+    catalog = load_adapter_catalog(settings.adapter_catalog_path)
+    return catalog.model_copy(update={"cache_dir": str(Path(catalog.cache_dir).resolve())}
+                              ).model_dump(mode="json")
+
+
 def family_deployments():
-    from deployments.cascade import CascadeDeployment
+    """Each family's Serve deployment, named as the configs name it (sd15, sdxl, cascade, llm)."""
+    from deployments.diffusion.deployment import family_deployment
     from deployments.llm import LLMDeployment
-    from deployments.sd15 import SD15Deployment
-    from deployments.sdxl import SDXLDeployment
 
     return {
-        Family.stable_diffusion_1: SD15Deployment,
-        Family.stable_diffusion_xl: SDXLDeployment,
-        Family.stable_cascade: CascadeDeployment,
+        **{f: family_deployment(f) for f in
+           (Family.stable_diffusion_1, Family.stable_diffusion_xl, Family.stable_cascade)},
         Family.llm: LLMDeployment,
     }
 
@@ -89,11 +97,13 @@ def build(args: dict) -> Application:
     by_family = catalog.by_family()
     classes = family_deployments()
     families = {}
+    adapters = adapter_catalog(settings)
     for family, entries in by_family.items():
         cfg = app_args.families.get(family, FamilyConfig())
         dumped = [e.model_dump(mode="json") for e in entries]
+        args = (dumped,) if family is Family.llm else (dumped, adapters)
         families[family.value] = {
-            "handle": classes[family].bind(dumped), "entries": dumped,
+            "handle": classes[family].bind(*args), "entries": dumped, "args": args,
             "models": [e.name for e in entries], "max_in_flight": cfg.max_in_flight,
         }
     volunteers = app_args.volunteers.model_dump(mode="json")

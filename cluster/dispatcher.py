@@ -30,6 +30,7 @@ from api.db.session import get_database
 from api.settings import Settings
 from api.storage import make_storage
 from cluster.bridge import NODE_ID_LABEL, VolunteerBridge
+from deployments.jobs import ImageJob, JobRejected, TextJob
 from models.catalog import Family
 
 log = logging.getLogger("ray.serve")
@@ -53,6 +54,10 @@ class FamilyRoute:
     max_in_flight: int
     worker_id: str
     worker_name: str
+    family: Family
+    # What requests that name no model run on: the first model that is not inpainting-only
+    # ("" when all are: it then takes no such requests).
+    any_model: str = ""
     kind: str = "image"  # "text": the llm family
     owner_id: int | None = None  # earns the rewards; None: the horde's account
     app_name: str | None = None  # a volunteer node's own application
@@ -66,31 +71,14 @@ class FamilyRoute:
             self.paused_until = time.monotonic() + VOLUNTEER_PAUSE_SECONDS
 
 
-def job_payload(jobs: list[queue.ClaimedJob]) -> dict:
-    """The deployment's input for claimed generations of one request: one pipeline call, one
-    seed per image."""
-    first, p = jobs[0], jobs[0].params
-    return {
-        "model": first.model, "prompt": first.prompt, "negative_prompt": first.negative_prompt,
-        "width": p["width"], "height": p["height"], "steps": p["steps"],
-        "cfg_scale": p["cfg_scale"], "sampler_name": p["sampler_name"], "karras": p["karras"],
-        "clip_skip": p["clip_skip"], "tiling": p["tiling"], "seeds": [j.seed for j in jobs],
-    }
+def any_model_of(entries: list[dict]) -> str:
+    return next((e["name"] for e in entries if not e.get("inpainting")), "")
 
 
-# The keys of a text request's stored params that the LLM deployment takes (TextJob).
-TEXT_JOB_KEYS = ("max_length", "max_context_length", "temperature", "top_p", "top_k", "typical",
-                 "min_p", "rep_pen", "rep_pen_range", "stop_sequence", "messages")
-
-
-def text_job(job: queue.ClaimedJob) -> dict:
-    """The LLM deployment's input for one claimed text generation: its own seed, the prompt or
-    (for chat requests) the messages the model's chat template renders."""
-    out = {"model": job.model, "seed": job.seed,
-           **{k: v for k, v in job.params.items() if k in TEXT_JOB_KEYS}}
-    if "messages" not in out:
-        out["prompt"] = job.prompt
-    return out
+def is_rejection(exc: BaseException) -> bool:
+    """Whether a deployment refused the job for its input (JobRejected, which Ray re-raises
+    as a RayTaskError that is also an instance of the cause) rather than failing to run it."""
+    return isinstance(exc, JobRejected) or isinstance(getattr(exc, "cause", None), JobRejected)
 
 
 def batches(jobs: list[queue.ClaimedJob]) -> list[list[queue.ClaimedJob]]:
@@ -137,7 +125,8 @@ class Dispatcher:
             name: FamilyRoute(handle=f["handle"], models=list(f["models"]),
                               max_in_flight=int(f.get("max_in_flight", 4)),
                               worker_id=cluster_worker(name)[0], worker_name=cluster_worker(name)[1],
-                              kind=Family(name).kind)
+                              family=Family(name), kind=Family(name).kind,
+                              any_model=any_model_of(f.get("entries", [])))
             for name, f in families.items()
         }
         # Streams of text being generated here, by generation id (see follow()), and the text
@@ -259,11 +248,12 @@ class Dispatcher:
         options["label_selector"] = {NODE_ID_LABEL: node.node_id}
         deployment = family_deployments()[family].options(num_replicas=1, ray_actor_options=options)
         app_name = f"volunteer-{node.node_id[:12]}-{family.value}"
-        serve.run(deployment.bind(f["entries"]), name=app_name, route_prefix=None)
+        serve.run(deployment.bind(*f["args"]), name=app_name, route_prefix=None)
         return FamilyRoute(
             handle=serve.get_deployment_handle(deployment.name, app_name), models=list(f["models"]),
             max_in_flight=int(f.get("max_in_flight", 4)), worker_id=node.worker_id,
-            worker_name=node.worker_name, kind=family.kind, owner_id=node.owner_id,
+            worker_name=node.worker_name, family=family, kind=family.kind, owner_id=node.owner_id,
+            any_model=any_model_of(f["entries"]),
             app_name=app_name)
 
     def _credit(self, route: FamilyRoute, node_id: str | None) -> tuple[str, str, int]:
@@ -281,7 +271,7 @@ class Dispatcher:
             if room <= 0 or route.paused_until > time.monotonic():
                 continue
             caps = queue.Capabilities(worker_id=route.worker_id, models=route.models,
-                                      kind=route.kind, trusted=True, max_length=UNLIMITED,
+                                      any_model=route.any_model, kind=route.kind, trusted=True, max_length=UNLIMITED,
                                       max_context_length=UNLIMITED)
             jobs = await asyncio.to_thread(queue.claim, self.db, caps, room)
             # Images of one request go as one batch (one pipeline call); text generations one
@@ -298,25 +288,41 @@ class Dispatcher:
     async def _generate(self, route: FamilyRoute, batch: list[queue.ClaimedJob]) -> None:
         claims = [(j.generation_id, j.claim_id) for j in batch]
         try:
+            job = await asyncio.to_thread(self._image_job, route, batch)
             result = await route.handle.options(
-                multiplexed_model_id=batch[0].model
-            ).generate.remote(job_payload(batch))
+                multiplexed_model_id=job.model
+            ).generate.remote(job)
             await asyncio.to_thread(self._store, route, batch, result)
             self.completed += len(batch)
-        except Exception as exc:  # a dead replica, a failed load, a bad input: try again
-            log.warning("generation failed (%s); returning %d to the queue", exc, len(batch))
-            route.failed()
-            await asyncio.to_thread(queue.release, self.db, claims,
-                                    f"{type(exc).__name__}: {exc}"[:500],
-                                    self.settings.max_attempts)
+        except Exception as exc:
+            await self._failed(route, claims, exc)
         finally:
             route.in_flight -= len(batch)
             self._wake.set()
 
+    def _image_job(self, route: FamilyRoute, batch: list[queue.ClaimedJob]) -> ImageJob:
+        """The typed job, with the source image and mask stored with the request."""
+        first = batch[0]
+        read = lambda key: None if key is None else self.storage.get(key)  # noqa: E731
+        return ImageJob.from_claim(route.family, batch, read(first.source_image_key),
+                                   read(first.source_mask_key))
+
+    async def _failed(self, route: FamilyRoute, claims: list[tuple[str, str]], exc: Exception) -> None:
+        """A job the deployment refused for its input is faulted at once with the reason; any
+        other failure (a dead replica, a failed load) hands it back to the queue."""
+        reason = f"{type(exc).__name__}: {exc}"[:500]
+        if is_rejection(exc):
+            log.warning("job refused (%s); faulting %d", reason, len(claims))
+            await asyncio.to_thread(queue.fault, self.db, claims, reason)
+            return
+        log.warning("generation failed (%s); returning %d to the queue", reason, len(claims))
+        route.failed()
+        await asyncio.to_thread(queue.release, self.db, claims, reason, self.settings.max_attempts)
+
     async def _generate_text(self, route: FamilyRoute, job: queue.ClaimedJob) -> None:
         try:
             stream = route.handle.options(multiplexed_model_id=job.model, stream=True) \
-                .generate_stream.remote(text_job(job))
+                .generate_stream.remote(TextJob.from_claim(job))
             result = None
             async for item in stream:
                 if item["delta"]:
@@ -334,10 +340,7 @@ class Dispatcher:
                 finish_reason=result["finish_reason"])])
             self.completed += 1
         except Exception as exc:
-            log.warning("text generation failed (%s); returning it to the queue", exc)
-            route.failed()
-            await asyncio.to_thread(queue.release, self.db, [(job.generation_id, job.claim_id)],
-                                    f"{type(exc).__name__}: {exc}"[:500], self.settings.max_attempts)
+            await self._failed(route, [(job.generation_id, job.claim_id)], exc)
         finally:
             self._tell_followers(job.generation_id, None)
             route.in_flight -= 1

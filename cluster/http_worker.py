@@ -40,22 +40,20 @@ from typing import Any, TextIO
 
 import httpx
 
+from api import sources
+from deployments.jobs import SEED_SPACE, ImageJob, TextJob
 from models.catalog import Catalog, Family, ModelEntry, load_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CATALOG = ROOT / "configs" / "models.yaml"
+DEFAULT_ADAPTERS = ROOT / "configs" / "adapters.yaml"
 BRIDGE_AGENT = "rayhorde-worker:1:https://aihorde.net"
 API_KEY_ENV = "RAYHORDE_WORKER_API_KEY"
 EXIT_OK, EXIT_CONFIG = 0, 2
-SEED_SPACE = 2**32  # the horde's seed range (api/images.py)
 # The horde worker defaults, for text models whose catalog entry sets no limit.
 DEFAULT_MAX_LENGTH, DEFAULT_MAX_CONTEXT_LENGTH = 512, 2048
 # Submits that tell us the job is no longer ours; the loop goes on.
 GONE_RCS = ("RequestExpired", "AbortedGen", "DuplicateGen")
-# The KoboldAI parameters of a text pop that the engine takes (deployments/llm.py TextJob).
-# Others (tfs, top_a, ...) are not implemented; the API already warned their requester.
-ENGINE_TEXT_PARAMS = ("max_length", "max_context_length", "temperature", "top_p", "top_k",
-                      "typical", "min_p", "rep_pen", "rep_pen_range", "stop_sequence")
 
 
 class WorkerConfigError(ValueError):
@@ -88,6 +86,7 @@ class WorkerConfig:
     max_context_length: int | None = None
     nsfw: bool = False
     catalog_path: str = str(DEFAULT_CATALOG)
+    adapter_catalog_path: str = str(DEFAULT_ADAPTERS)  # the LoRAs and TIs it may load
     ray_address: str = "local"  # "local": a fresh private Ray, never one already running here
     num_cpus: float | None = None  # for that local Ray; None = every core
     idle_seconds: float = 1.0  # between empty pops (plus up to half of it as jitter)
@@ -135,6 +134,12 @@ class ModelPlan:
     def text_models(self) -> list[str]:
         return [e.name for e in self.text_entries]
 
+    def family_of(self, model: str) -> Family:
+        for family, entries in self.image_entries.items():
+            if any(e.name == model for e in entries):
+                return family
+        raise UnsupportedJob(f"model {model!r} is not one this worker serves")
+
 
 def plan_models(config: WorkerConfig, catalog: Catalog) -> ModelPlan:
     unknown = [m for m in config.models if catalog.get(m) is None]
@@ -172,47 +177,49 @@ def plan_models(config: WorkerConfig, catalog: Catalog) -> ModelPlan:
 # ---------------------------------------------------------------------------------- jobs
 
 
-def seed_number(seed: Any) -> int:
-    """The pop payload's seed (a string of digits from this horde) as the engine's integer."""
-    text = str(seed if seed is not None else "").strip()
-    if not text.isdigit():
-        raise UnsupportedJob(f"seed {seed!r} is not a number")
-    return int(text) % SEED_SPACE
+# Pop payload features this worker does not run yet; such a job is submitted as faulted
+# (the pop declares allow_post_processing / allow_controlnet false, so the horde sends none).
+NOT_RUN_HERE = ("post_processing", "control_type", "workflow", "extra_texts")
 
 
-def image_job(model: str, payload: dict, count: int) -> dict:
-    """An image pop's payload as the deployment's job (deployments/image_common.py): the prompt
-    split on "###" into positive and negative, one seed per image counting up from the payload's
-    seed. Features this worker does not run raise UnsupportedJob."""
-    refused = []
-    if payload.get("hires_fix"):
-        refused.append("hires_fix")
-    if payload.get("post_processing"):
-        refused.append(f"post_processing {payload['post_processing']}")
-    for key in ("loras", "tis", "control_type", "workflow", "extra_texts"):
-        if payload.get(key):
-            refused.append(key)
+def image_job(family: Family, model: str, payload: dict, count: int,
+              source_processing: str | None = None, source_image: bytes | None = None,
+              source_mask: bytes | None = None) -> ImageJob:
+    """An image pop's payload (and its downloaded source and mask) as the deployment's job
+    (deployments/jobs.py). Features this worker does not run raise UnsupportedJob; a payload
+    that makes no valid job raises JobRejected."""
+    refused = [key for key in NOT_RUN_HERE if payload.get(key)]
     if refused:
         raise UnsupportedJob(f"not run by this worker: {', '.join(refused)}")
-    positive, _, negative = str(payload.get("prompt") or "").partition("###")
-    first_seed = seed_number(payload.get("seed"))
-    return {
-        "model": model, "prompt": positive.strip(), "negative_prompt": negative.strip(),
-        "width": payload["width"], "height": payload["height"],
-        "steps": payload.get("ddim_steps", payload.get("steps")),
-        "cfg_scale": payload.get("cfg_scale"), "sampler_name": payload.get("sampler_name"),
-        "karras": payload.get("karras"), "clip_skip": payload.get("clip_skip"),
-        "tiling": payload.get("tiling"),
-        "seeds": [(first_seed + i) % SEED_SPACE for i in range(count)],
-    }
+    return ImageJob.from_pop(family, model, payload, count, source_processing, source_image,
+                             source_mask)
 
 
-def text_job(model: str, payload: dict) -> dict:
-    """A text pop's payload as one engine job (deployments/llm.py), its own random seed: the
-    horde's text protocol hands workers no seed, and n generations of one prompt must differ."""
-    params = {k: payload[k] for k in ENGINE_TEXT_PARAMS if payload.get(k) is not None}
-    return {"model": model, "prompt": str(payload.get("prompt") or ""),
-            "seed": secrets.randbelow(SEED_SPACE), **params}
+def warm_up_job(entry: ModelEntry) -> ImageJob:
+    """One small, one-step job that loads the model: an inpainting model only inpaints, so it
+    gets a grey source with its right half to repaint."""
+    job = {"model": entry.name, "prompt": "warm-up", "seeds": [0], "width": 256, "height": 256,
+           "steps": 1}
+    if entry.inpainting:
+        import io
+
+        from PIL import Image
+
+        source, mask = Image.new("RGB", (256, 256), (128, 128, 128)), Image.new("L", (256, 256), 0)
+        mask.paste(255, (128, 0, 256, 256))
+        blobs = []
+        for image in (source, mask):
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            blobs.append(buf.getvalue())
+        job.update(workflow="inpainting", source_image=blobs[0], source_mask=blobs[1])
+    return ImageJob.parse(job)
+
+
+def text_job(model: str, payload: dict) -> TextJob:
+    """A text pop's payload as one engine job, its own random seed: the horde's text protocol
+    hands workers no seed, and n generations of one prompt must differ."""
+    return TextJob.from_pop(model, payload, secrets.randbelow(SEED_SPACE))
 
 
 @dataclass
@@ -223,6 +230,9 @@ class PoppedJob:
     payload: dict
     uploads: list[str]  # image only: one upload URL per id
     ttl: float
+    source_processing: str | None = None  # image only: the source image and mask URLs
+    source_image: str | None = None
+    source_mask: str | None = None
     popped_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -410,21 +420,29 @@ class HttpWorker:
         for family_name, cls, entries in groups:
             self.say(f"deploying {family_name} ({', '.join(e.name for e in entries)})")
             app_name = f"worker-{family_name}"
-            handle = serve.run(
-                cls.options(num_replicas=1, ray_actor_options=options).bind(
-                    [e.model_dump(mode="json") for e in entries]),
-                name=app_name, route_prefix=None)
+            dumped = [e.model_dump(mode="json") for e in entries]
+            args = (dumped,) if cls is LLMDeployment else (dumped, self._adapters())
+            handle = serve.run(cls.options(num_replicas=1, ray_actor_options=options).bind(*args),
+                               name=app_name, route_prefix=None)
             self._serve_apps.append(app_name)
             for entry in entries:
                 self.handles[entry.name] = handle
 
+    def _adapters(self) -> dict:
+        """The LoRA / TI catalog for the image deployments, its cache folder made absolute
+        (the replicas do not share this process's working directory)."""
+        from models.adapters import load_adapter_catalog
+
+        catalog = load_adapter_catalog(self.config.adapter_catalog_path)
+        return catalog.model_copy(update={"cache_dir": str(Path(catalog.cache_dir).resolve())}
+                                  ).model_dump(mode="json")
+
     def _warm_up(self) -> None:
         """Load every model once now: a first job must not spend its time to live loading."""
         calls = {}
-        for model in self.plan.image_models:
-            job = {"model": model, "prompt": "warm-up", "seeds": [0], "width": 256,
-                   "height": 256, "steps": 1}
-            calls[model] = self._generate(model, job)
+        for entries in self.plan.image_entries.values():
+            for entry in entries:
+                calls[entry.name] = self._generate(entry.name, warm_up_job(entry))
         for model in self.plan.text_models:
             job = {"model": model, "prompt": "Hello", "seed": 0, "max_length": 1,
                    "max_context_length": 16}
@@ -556,9 +574,9 @@ class HttpWorker:
                 "name": self.image_worker_name, "models": self.plan.image_models,
                 "max_pixels": c.max_pixels, "amount": c.max_batch, "nsfw": c.nsfw,
                 "threads": c.threads, "bridge_agent": BRIDGE_AGENT,
-                # Only plain txt2img runs here: the horde then hands us nothing else.
-                "allow_img2img": False, "allow_painting": False, "allow_post_processing": False,
-                "allow_controlnet": False, "allow_sdxl_controlnet": False, "allow_lora": False}
+                # The workflows of deployments/diffusion run here; the others are not asked for.
+                "allow_img2img": True, "allow_painting": True, "allow_post_processing": False,
+                "allow_controlnet": False, "allow_sdxl_controlnet": False, "allow_lora": True}
         else:
             path, body = "/api/v2/generate/text/pop", {
                 "name": self.text_worker_name, "models": self.plan.text_models,
@@ -593,7 +611,10 @@ class HttpWorker:
         return PoppedJob(kind=kind, model=answer["model"], ids=list(ids),
                          payload=answer.get("payload") or {},
                          uploads=list(answer.get("r2_uploads") or []),
-                         ttl=float(answer.get("ttl") or 150))
+                         ttl=float(answer.get("ttl") or 150),
+                         source_processing=answer.get("source_processing"),
+                         source_image=answer.get("source_image"),
+                         source_mask=answer.get("source_mask"))
 
     def _run(self, client: httpx.Client, job: PoppedJob) -> None:
         started = time.monotonic()
@@ -630,7 +651,11 @@ class HttpWorker:
     def _generate_images(self, job: PoppedJob) -> list[tuple[str, dict]]:
         if len(job.uploads) != len(job.ids):
             raise UnsupportedJob(f"{len(job.ids)} ids but {len(job.uploads)} upload URLs")
-        engine_job = image_job(job.model, job.payload, len(job.ids))
+        family = self.plan.family_of(job.model)
+        source = self._download(job.source_image, "source_image")
+        mask = self._download(job.source_mask, "source_mask")
+        engine_job = image_job(family, job.model, job.payload, len(job.ids),
+                               job.source_processing if source is not None else None, source, mask)
         result = self._generate(job.model, engine_job).result(
             timeout_s=max(1.0, job.deadline - time.monotonic()))
         submissions = []
@@ -643,6 +668,16 @@ class HttpWorker:
                     submissions.append((gid, {"state": "faulted", "generation": "Faulted",
                                               "seed": seed}))
         return submissions
+
+    def _download(self, url: str | None, field: str) -> bytes | None:
+        """A job's source image or mask. Fetched with the API's own limits: URLs on the API's
+        host may be private (a horde on this network); any other must be public, so a horde
+        cannot point this worker at the volunteer's own network."""
+        if not url:
+            return None
+        own_host = httpx.URL(url).host == httpx.URL(self.config.url).host
+        limits = sources.SourceLimits(allow_private_urls=own_host)
+        return sources.fetch_url(url, field, limits)
 
     def _upload(self, uploader: httpx.Client, job: PoppedJob, url: str, image: bytes) -> bool:
         """PUT the WebP to its presigned URL: the raw bytes, no API key (the URL may be a
@@ -772,6 +807,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="text: longest prompt + generation (default: the models' catalog limit)")
     p.add_argument("--nsfw", action="store_true", help="accept NSFW requests")
     p.add_argument("--catalog", default=str(DEFAULT_CATALOG), help="model catalog (YAML)")
+    p.add_argument("--adapters", default=str(DEFAULT_ADAPTERS),
+                   help="LoRA / textual inversion catalog (YAML); its allow_downloads lets this "
+                        "worker fetch others from CivitAI")
     p.add_argument("--ray-address", default="local",
                    help="'local' (default): start a private Ray; or an existing cluster's address")
     p.add_argument("--num-cpus", type=float, default=None,
@@ -793,7 +831,8 @@ def worker_command(args: argparse.Namespace) -> int:
             models=[m.strip() for m in args.models.split(",") if m.strip()], name=args.name,
             max_pixels=args.max_pixels, threads=args.threads, max_batch=args.max_batch,
             max_length=args.max_length, max_context_length=args.max_context_length,
-            nsfw=args.nsfw, catalog_path=args.catalog, ray_address=args.ray_address,
+            nsfw=args.nsfw, catalog_path=args.catalog, adapter_catalog_path=args.adapters,
+            ray_address=args.ray_address,
             num_cpus=args.num_cpus, max_backoff_seconds=args.max_backoff, verbose=args.verbose)
     except WorkerConfigError as e:
         print(f"rayhorde worker: {e}", file=sys.stderr, flush=True)

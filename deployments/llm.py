@@ -6,7 +6,7 @@ jobs at once on a transformers causal LM, and its Ray Serve deployment (one repl
     handle.options(multiplexed_model_id=job["model"], stream=True).generate_stream.remote(job)
                                                                                       -> items
 
-A job (the dict sent to `LLMDeployment.generate`; parsed by `TextJob.from_dict`). JSON null
+A job (the dict sent to `LLMDeployment.generate`; deployments/jobs.py `TextJob`). JSON null
 means the default. Unknown keys are refused, so a parameter the API forgot to map is an error
 rather than a silently ignored setting.
     model (str)               catalog name; also the request's multiplexed model id
@@ -52,7 +52,7 @@ that completed a stop sequence included), "seed": the job's seed, "node_id": Ray
 "replica": Serve's full replica id, "seconds": from the start of the batch's decode (prefill
 included) to this row's end, "batch_size": rows decoded together}.
 
-Errors: ValueError for a bad job (TextJob.from_dict's checks, a model id that does not match
+Errors: JobRejected (a ValueError) for a bad job (TextJob's checks, a model id that does not match
 the job's model, or a job the model cannot serve: max_context_length or max_length over the
 model's limits, messages for a model without a chat template); RuntimeError when loading the
 model or decoding failed. A bad job fails alone, never the batch it would have joined.
@@ -77,8 +77,9 @@ import torch
 from ray import serve
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from deployments.image_common import check_model_id, family_entries
-from deployments.image_common import device as default_device
+from deployments.diffusion.common import check_model_id, family_entries
+from deployments.diffusion.common import device as default_device
+from deployments.jobs import JobRejected, TextJob
 from models import tiny_llm
 from models.catalog import Family, ModelEntry
 
@@ -89,129 +90,6 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 # ---------------------------------------------------------------------------------------------
 # The job
-
-
-@dataclass(frozen=True)
-class TextJob:
-    model: str
-    seed: int
-    prompt: str | None = None
-    messages: tuple[dict[str, str], ...] | None = None
-    max_length: int = 80
-    max_context_length: int = 1024
-    temperature: float = 0.7
-    top_k: int = 100
-    top_p: float = 0.92
-    typical: float = 1.0
-    min_p: float = 0.0
-    rep_pen: float = 1.1
-    rep_pen_range: int = 320
-    stop_sequence: tuple[str, ...] = ()
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TextJob":
-        """Parse and check a job dict (contract in the module docstring). Every error is a
-        ValueError that names the field."""
-        if not isinstance(d, dict):
-            raise ValueError(f"a text job must be a dict, got {type(d).__name__}")
-        unknown = sorted(set(d) - _JOB_KEYS)
-        if unknown:
-            raise ValueError(f"unknown text job fields {unknown}; known: {sorted(_JOB_KEYS)}")
-        for key in ("model", "seed"):
-            if d.get(key) is None:
-                raise ValueError(f"{key}: required")
-        model = d["model"]
-        if not isinstance(model, str) or not model:
-            raise ValueError(f"model: must be a non-empty string, got {model!r}")
-        prompt, messages = d.get("prompt"), d.get("messages")
-        if (prompt is None) == (messages is None):
-            raise ValueError("prompt / messages: give exactly one of them")
-        if prompt is not None and not isinstance(prompt, str):
-            raise ValueError(f"prompt: must be a string, got {type(prompt).__name__}")
-        job = cls(
-            model=model,
-            seed=_integer(d, "seed", None),
-            prompt=prompt,
-            messages=None if messages is None else _messages(messages),
-            max_length=_integer(d, "max_length", cls.max_length, low=1),
-            max_context_length=_integer(d, "max_context_length", cls.max_context_length, low=2),
-            temperature=_number(d, "temperature", cls.temperature, low=0.0),
-            top_k=_integer(d, "top_k", cls.top_k, low=0),
-            top_p=_number(d, "top_p", cls.top_p, low=0.0, high=1.0, low_open=True),
-            typical=_number(d, "typical", cls.typical, low=0.0, high=1.0),
-            min_p=_number(d, "min_p", cls.min_p, low=0.0, high=1.0),
-            rep_pen=_number(d, "rep_pen", cls.rep_pen, low=1.0),
-            rep_pen_range=_integer(d, "rep_pen_range", cls.rep_pen_range, low=0),
-            stop_sequence=_stop_sequences(d.get("stop_sequence")),
-        )
-        if job.max_context_length <= job.max_length:
-            raise ValueError(
-                f"max_context_length: must exceed max_length ({job.max_length}) to leave room for "
-                f"the prompt, got {job.max_context_length}"
-            )
-        return job
-
-    @property
-    def prompt_budget(self) -> int:
-        """How many prompt tokens fit: the whole context must hold prompt + generated text."""
-        return self.max_context_length - self.max_length
-
-
-_JOB_KEYS = {f for f in TextJob.__dataclass_fields__}
-
-
-def _integer(d: dict, key: str, default: int | None, low: int | None = None) -> int:
-    value = d.get(key)
-    if value is None:
-        if default is None:
-            raise ValueError(f"{key}: required")
-        return default
-    # JSON may send 80.0 for 80; a fraction, a bool or a string is a mistake, not a number.
-    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-    if isinstance(value, bool) or not whole:
-        raise ValueError(f"{key}: must be an integer, got {value!r}")
-    value = int(value)
-    if low is not None and value < low:
-        raise ValueError(f"{key}: must be >= {low}, got {value}")
-    return value
-
-
-def _number(d: dict, key: str, default: float, low: float, high: float | None = None,
-            low_open: bool = False) -> float:
-    value = d.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{key}: must be a finite number, got {value!r}")
-    value = float(value)
-    if value < low or (low_open and value == low) or (high is not None and value > high):
-        interval = f"{'(' if low_open else '['}{low}, " + (f"{high}]" if high is not None else "inf)")
-        raise ValueError(f"{key}: must be in {interval}, got {value}")
-    return value
-
-
-def _messages(messages: Any) -> tuple[dict[str, str], ...]:
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("messages: must be a non-empty list of {role, content} dicts")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or set(m) != {"role", "content"}:
-            raise ValueError(f"messages[{i}]: must be a dict with exactly the keys role and content, got {m!r}")
-        if not isinstance(m["role"], str) or not m["role"] or not isinstance(m["content"], str):
-            raise ValueError(f"messages[{i}]: role must be a non-empty string and content a string")
-        out.append({"role": m["role"], "content": m["content"]})
-    return tuple(out)
-
-
-def _stop_sequences(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"stop_sequence: must be a list of strings, got {type(value).__name__}")
-    for i, s in enumerate(value):
-        if not isinstance(s, str) or not s:
-            raise ValueError(f"stop_sequence[{i}]: must be a non-empty string, got {s!r}")
-    return tuple(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,26 +364,26 @@ class TextGenerator:
         return load_llm(self.entries[model_name], self.device)
 
     def encode_prompt(self, loaded: LoadedLLM, job: TextJob) -> list[int]:
-        """The job's prompt tokens, cut from the left to its prompt budget; ValueError when the
+        """The job's prompt tokens, cut from the left to its prompt budget; JobRejected when the
         job does not fit the model."""
         entry = loaded.entry
         if job.model != entry.name:
-            raise ValueError(f"model: job is for {job.model!r}, not {entry.name!r}")
+            raise JobRejected(f"model: job is for {job.model!r}, not {entry.name!r}")
         if job.max_context_length > loaded.max_context_length:
-            raise ValueError(f"max_context_length: {entry.name} serves at most {loaded.max_context_length}, "
+            raise JobRejected(f"max_context_length: {entry.name} serves at most {loaded.max_context_length}, "
                              f"got {job.max_context_length}")
         if entry.max_length is not None and job.max_length > entry.max_length:
-            raise ValueError(f"max_length: {entry.name} generates at most {entry.max_length}, got {job.max_length}")
+            raise JobRejected(f"max_length: {entry.name} generates at most {entry.max_length}, got {job.max_length}")
         tok = loaded.tokenizer
         if job.messages is not None:
             if not tok.chat_template:
-                raise ValueError(f"messages: {entry.name} has no chat template; send a prompt instead")
-            text = tok.apply_chat_template(list(job.messages), tokenize=False, add_generation_prompt=True)
+                raise JobRejected(f"messages: {entry.name} has no chat template; send a prompt instead")
+            text = tok.apply_chat_template([m.model_dump() for m in job.messages], tokenize=False, add_generation_prompt=True)
             ids = tok(text, add_special_tokens=False)["input_ids"]  # the template wrote BOS itself
         else:
             ids = tok(job.prompt, add_special_tokens=True)["input_ids"]
         if not ids:
-            raise ValueError("prompt: encodes to no tokens; a model needs at least one to continue from")
+            raise JobRejected("prompt: encodes to no tokens; a model needs at least one to continue from")
         return ids[-job.prompt_budget:]
 
     def generate_batch(self, loaded: LoadedLLM, jobs: list[TextJob] | list[dict],
@@ -626,7 +504,7 @@ class LLMDeployment:
         check_model_id(parsed)
         if parsed.model not in self.generator.entries:
             known = sorted(self.generator.entries)
-            raise ValueError(f"{parsed.model!r} is not one of this deployment's models: {known}")
+            raise JobRejected(f"{parsed.model!r} is not one of this deployment's models: {known}")
         return parsed
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02)
@@ -751,4 +629,4 @@ class LLMDeployment:
 
 def _raise_if_error(item: dict) -> None:
     if "error" in item:
-        raise (ValueError if item["invalid"] else RuntimeError)(item["error"])
+        raise (JobRejected if item["invalid"] else RuntimeError)(item["error"])

@@ -65,6 +65,33 @@ class WeightsSource(BaseModel):
         return self
 
 
+class LayerDiffuseWeights(BaseModel):
+    """Where a model's Layer Diffuse files come from (`params.transparent`): the UNet
+    injection and the transparent VAE decoder (models/layer_diffuse.py).
+
+    - `builtin`: seeded random weights in the published key layout, made for the loaded UNet
+      (the tiny models), written to disk and loaded back like the real files.
+    - `file`: `injection` and `decoder` are local .safetensors paths.
+    - `huggingface`: `injection` and `decoder` are file names in `repo` (the published ones are
+      in LayerDiffusion/layerdiffusion-v1).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["builtin", "file", "huggingface"]
+    injection: str | None = None
+    decoder: str | None = None
+    repo: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "LayerDiffuseWeights":
+        if self.kind != "builtin" and not (self.injection and self.decoder):
+            raise ValueError(f"{self.kind} Layer Diffuse weights need injection and decoder")
+        if (self.kind == "huggingface") != (self.repo is not None):
+            raise ValueError("repo is for (and needed by) huggingface Layer Diffuse weights")
+        return self
+
+
 class Requirements(BaseModel):
     """What a model needs to give good images (the AI Horde's model reference `requirements`).
     A request outside these gets a warning, not a rejection."""
@@ -87,6 +114,11 @@ class ModelEntry(BaseModel):
     weights: WeightsSource
     requirements: Requirements = Requirements()
     nsfw: bool = False
+    # An inpainting checkpoint (the model reference's `inpainting`: a UNet that also sees the
+    # mask and the masked source): it runs inpainting and outpainting jobs only.
+    inpainting: bool = False
+    # Layer Diffuse weights for transparent images (SD 1.5 and SDXL); None: no transparency.
+    layer_diffuse: LayerDiffuseWeights | None = None
     description: str = ""
     # Text models only (the AI Horde worker's limits): the longest context, prompt plus
     # generated tokens, and the most tokens generated per request. None: the model's own
@@ -107,8 +139,12 @@ class ModelEntry(BaseModel):
             if self.max_context_length is not None and self.max_length is not None \
                     and self.max_length >= self.max_context_length:
                 raise ValueError(f"{self.name}: max_length must be below max_context_length")
+            if self.inpainting or self.layer_diffuse:
+                raise ValueError(f"{self.name}: inpainting and layer_diffuse are for image models, not llm")
         elif self.max_context_length is not None or self.max_length is not None:
             raise ValueError(f"{self.name}: max_context_length and max_length are for llm models only")
+        if self.layer_diffuse and self.family not in (Family.stable_diffusion_1, Family.stable_diffusion_xl):
+            raise ValueError(f"{self.name}: Layer Diffuse is for SD 1.5 and SDXL models only")
         return self
 
 

@@ -138,3 +138,31 @@ def _cascade_configs(config: str | None) -> tuple[str, str]:
             "decoder diffusers pipelines as prior/ and decoder/"
         )
     return str(prior), str(decoder)
+
+
+def load_layer_diffuse_for(entry: ModelEntry, unet: torch.nn.Module, cache_dir: str | Path | None = None):
+    """The entry's Layer Diffuse files (models/layer_diffuse.py `LayerDiffuse`: the injection,
+    checked against `unet`, not applied, and the transparent decoder), loaded strictly from
+    .safetensors files. Builtin ones are made for `unet` with seeded random weights, written to
+    `cache_dir` (a temporary folder by default) and loaded back the same way."""
+    from models import layer_diffuse
+
+    ld = entry.layer_diffuse
+    if ld is None:
+        raise ValueError(f"{entry.name}: no Layer Diffuse weights in the catalog")
+    family = entry.family.value
+    if ld.kind == "builtin":
+        import tempfile
+
+        # A folder of its own: replicas on one machine must not write over each other's files.
+        folder = Path(tempfile.mkdtemp(prefix=f"layer-diffuse-{entry.name}-", dir=cache_dir))
+        injection, decoder = layer_diffuse.build_tiny_transparent(family, unet)
+        injection_path, decoder_path = layer_diffuse.save_layer_diffuse(folder, family, injection, decoder)
+    elif ld.kind == "file":
+        injection_path, decoder_path = ld.injection, ld.decoder
+    else:
+        from huggingface_hub import hf_hub_download
+
+        injection_path = hf_hub_download(ld.repo, ld.injection)
+        decoder_path = hf_hub_download(ld.repo, ld.decoder)
+    return layer_diffuse.load_layer_diffuse(injection_path, decoder_path, family, unet)

@@ -154,7 +154,7 @@ _SCHEDULE_ONLY = ("use_karras_sigmas", "algorithm_type", "solver_order", "skip_p
 def make_scheduler(sampler_name: str, karras: bool, base_config: dict) -> SchedulerMixin:
     """A fresh scheduler for `sampler_name`, keeping the model's own noise schedule (betas,
     prediction type, timestep spacing...) from `base_config`: the config of the scheduler the
-    model came with (see deployments/image_common.base_scheduler_config)."""
+    model came with (see deployments/diffusion/common.base_scheduler_config)."""
     try:
         spec = SAMPLERS[sampler_name]
     except KeyError:

@@ -106,10 +106,17 @@ def _seeded(seed: int, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         return make().eval()
 
 
-def _vae(seed: int, scaling_factor: float) -> AutoencoderKL:
+# The VAEs' latent scaling: chosen, as for the real models (0.18215 for SD 1.5), so that the
+# scaled latents of images have about unit variance (these random VAEs' raw latents have a
+# standard deviation near 0.2). With the real models' factors the tiny latents would be far
+# smaller than the noise, and no img2img strength could stay near its source.
+TINY_VAE_SCALING = 5.0
+
+
+def _vae(seed: int, scaling_factor: float = TINY_VAE_SCALING) -> AutoencoderKL:
     # Four levels = three 2x resamplings = downscale 8, like the real SD VAE; 4-8 channels wide
     # (the full-resolution level dominates decoding time, so it gets the fewest).
-    return _seeded(
+    vae = _seeded(
         seed,
         lambda: AutoencoderKL(
             in_channels=3,
@@ -127,6 +134,13 @@ def _vae(seed: int, scaling_factor: float) -> AutoencoderKL:
             mid_block_add_attention=False,
         ),
     )
+    # A trained VAE's posterior is nearly deterministic (its log-variance very negative); a
+    # random one's is not, and img2img's sample from it would bury the source in noise.
+    with torch.no_grad():
+        logvar = slice(vae.config.latent_channels, None)
+        vae.quant_conv.weight[logvar] = 0.0  # the last layer before the posterior's split
+        vae.quant_conv.bias[logvar] = -20.0
+    return vae
 
 
 def _sd_scheduler_config() -> dict:
@@ -164,7 +178,7 @@ def build_tiny_sd15(seed: int = 0) -> StableDiffusionPipeline:
     )
     scheduler = PNDMScheduler(**_sd_scheduler_config(), skip_prk_steps=True, set_alpha_to_one=False)
     return StableDiffusionPipeline(
-        vae=_vae(seed + 2, 0.18215),
+        vae=_vae(seed + 2),
         text_encoder=text_encoder,
         tokenizer=tok,
         unet=unet,
@@ -174,6 +188,16 @@ def build_tiny_sd15(seed: int = 0) -> StableDiffusionPipeline:
         image_encoder=None,
         requires_safety_checker=False,
     )
+
+
+def build_tiny_sd15_inpainting(seed: int = 0) -> StableDiffusionPipeline:
+    """Tiny SD 1.5 inpainting checkpoint: the same pipeline with a 9-channel UNet input (noisy
+    latents, the mask, the masked source's latents), as the real inpainting checkpoints have."""
+    pipe = build_tiny_sd15(seed)
+    config = dict(pipe.unet.config, in_channels=9)
+    pipe.unet = _seeded(seed + 5, lambda: UNet2DConditionModel.from_config(config))
+    pipe.register_modules(unet=pipe.unet)
+    return pipe
 
 
 def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
@@ -204,7 +228,7 @@ def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
         ),
     )
     return StableDiffusionXLPipeline(
-        vae=_vae(seed + 2, 0.13025),
+        vae=_vae(seed + 2),
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=tok,
@@ -291,6 +315,7 @@ def build_tiny_cascade(seed: int = 0) -> tuple[StableCascadePriorPipeline, Stabl
 # Stable Cascade the (prior, decoder) pair).
 BUILTIN: dict[str, Callable[..., object]] = {
     "tiny-sd15": build_tiny_sd15,
+    "tiny-sd15-inpainting": build_tiny_sd15_inpainting,
     "tiny-sdxl": build_tiny_sdxl,
     "tiny-cascade": build_tiny_cascade,
 }

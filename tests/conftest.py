@@ -16,12 +16,13 @@ from api.db.session import Database
 from api.images import Context
 from api.settings import Settings
 from api.storage import LocalStorage
+from models.adapters import load_adapter_catalog
 from models.catalog import load_catalog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POSTGRES_URL = os.environ.get("RAYHORDE_TEST_POSTGRES_URL",
                               "postgresql://postgres@127.0.0.1:5432/test")
-TINY_MODELS = ["tiny-sd15", "tiny-sdxl", "tiny-cascade", "tiny-llm"]
+TINY_MODELS = ["tiny-sd15", "tiny-sd15-inpainting", "tiny-sdxl", "tiny-cascade", "tiny-llm"]
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -51,6 +52,7 @@ NO_RATE_LIMITS = {"rate_limit_submit": "100000/minute", "rate_limit_poll": "1000
 def make_settings(db: Database, tmp_path, **overrides) -> Settings:
     return Settings(**{"database_url": db.url, "storage_dir": str(tmp_path / "objects"),
                        "catalog_path": os.path.join(ROOT, "configs", "models.yaml"),
+                       "adapter_catalog_path": os.path.join(ROOT, "configs", "adapters.yaml"),
                        "served_models": TINY_MODELS, **NO_RATE_LIMITS, **overrides})
 
 
@@ -60,7 +62,8 @@ def make_ctx(db: Database, tmp_path, **overrides) -> Context:
     return Context(settings=settings, db=db,
                    storage=LocalStorage(settings.storage_dir, settings.public_url,
                                         settings.key_salt),
-                   catalog=catalog, limiter=make_limiter(settings))
+                   catalog=catalog, limiter=make_limiter(settings),
+                   adapters=load_adapter_catalog(settings.adapter_catalog_path))
 
 
 @pytest.fixture

@@ -162,6 +162,12 @@ class Request(Base):
     trusted_workers: Mapped[bool] = mapped_column(Boolean, default=False)
     slow_workers: Mapped[bool] = mapped_column(Boolean, default=True)
     extra_slow_workers: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Image workflows (models/workflows.py): img2img, inpainting or outpainting when a source
+    # image came with the request; the source and mask as stored once (object storage keys),
+    # so every attempt, on any worker, reads the same bytes.
+    source_processing: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    source_image_key: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    source_mask_key: Mapped[str | None] = mapped_column(String(300), nullable=True)
 
 
 class Generation(Base):

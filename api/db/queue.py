@@ -64,10 +64,12 @@ def job_ttl(width: int, height: int, steps: int, controlnet: bool = False) -> in
 @dataclass
 class Capabilities:
     """What a claimer can and will run. `models` in order of preference: a request that names
-    no model runs on the first."""
+    no model runs on `any_model` (default: the first of `models`); an empty `any_model` takes
+    no such requests (a worker whose models only inpaint)."""
 
     worker_id: str
     models: list[str]
+    any_model: str | None = None
     kind: str = "image"  # "text": text jobs only
     max_pixels: int = 3072 * 3072
     max_length: int = 0  # text workers: the most tokens it generates ...
@@ -104,6 +106,9 @@ class ClaimedJob:
     r2: bool
     shared: bool
     kind: str = "image"
+    source_processing: str | None = None  # image requests with a source image
+    source_image_key: str | None = None
+    source_mask_key: str | None = None
 
 
 @dataclass
@@ -159,8 +164,9 @@ def _rules(caps: Capabilities) -> list[tuple[str, object]]:
     """(skip reason, SQL condition a queue entry must meet for this claimer), in the order the
     AI Horde reports them. Written against Q (queue_entries) and R (requests)."""
     listed = Q.c.target_workers.contains(caps.worker_id, autoescape=True)
+    models = [*caps.models, ANY_MODEL] if _any_model(caps) else list(caps.models)
     rules: list[tuple[str, object]] = [
-        ("models", and_(Q.c.model.in_([*caps.models, ANY_MODEL]), Q.c.kind == caps.kind)),
+        ("models", and_(Q.c.model.in_(models), Q.c.kind == caps.kind)),
         ("worker_id", or_(Q.c.target_mode == 0, and_(Q.c.target_mode == 1, listed),
                           and_(Q.c.target_mode == 2, not_(listed)))),
         ("max_pixels", Q.c.pixels <= caps.max_pixels),
@@ -186,9 +192,17 @@ def _rules(caps: Capabilities) -> list[tuple[str, object]]:
     return rules
 
 
+def _any_model(caps: Capabilities) -> str | None:
+    """The model a claimer runs requests that name none on (None: it takes none)."""
+    if caps.any_model is not None:
+        return caps.any_model or None
+    return caps.models[0] if caps.models else None
+
+
 _JOB_COLUMNS = (Q.c.generation_id, Q.c.model, Q.c.sort_key, Q.c.id, G.c.seed, G.c.position,
                 G.c.attempts, G.c.kudos, R.c.id, R.c.prompt, R.c.negative_prompt, R.c.params,
-                R.c.user_id, R.c.nsfw, R.c.censor_nsfw, R.c.r2, R.c.shared, Q.c.kind)
+                R.c.user_id, R.c.nsfw, R.c.censor_nsfw, R.c.r2, R.c.shared, Q.c.kind,
+                R.c.source_processing, R.c.source_image_key, R.c.source_mask_key)
 
 
 def claim(db: Database, caps: Capabilities, limit: int, now: float | None = None,
@@ -227,13 +241,15 @@ def claim_in(session, caps: Capabilities, limit: int, now: float,
 
     if caps.priority_user_ids:  # reads ix_queue_user
         branch(0, Q.c.user_id.in_(caps.priority_user_ids))
-    for model in [*caps.models, ANY_MODEL]:  # each reads ix_queue_claim
+    any_model = _any_model(caps)
+    for model in [*caps.models, ANY_MODEL] if any_model else caps.models:  # each reads ix_queue_claim
         branch(1, Q.c.model == model)
     rows = session.execute(branches[0].union_all(*branches[1:])).all()
     chosen: dict[str, ClaimedJob] = {}
     for row in sorted(rows, key=lambda r: (r[0], r[3], r[4])):
         (_tier, gen_id, model, _key, _qid, seed, position, attempts, kudos, request_id,
-         prompt, negative, params, user_id, nsfw, censor, r2, shared, kind) = row
+         prompt, negative, params, user_id, nsfw, censor, r2, shared, kind, source_processing,
+         source_key, mask_key) = row
         if gen_id in chosen:
             continue
         if one_request and chosen:
@@ -244,10 +260,12 @@ def claim_in(session, caps: Capabilities, limit: int, now: float,
                else job_ttl(params["width"], params["height"], params["steps"]))
         chosen[gen_id] = ClaimedJob(
             generation_id=gen_id, claim_id=str(uuid.uuid4()), request_id=request_id,
-            model=caps.models[0] if model == ANY_MODEL else model, seed=seed,
+            model=any_model if model == ANY_MODEL else model, seed=seed,
             position=position, prompt=prompt, negative_prompt=negative, params=params,
             deadline=now + ttl, ttl=ttl, attempts=attempts + 1, kudos=kudos,
-            user_id=user_id, nsfw=nsfw, censor_nsfw=censor, r2=r2, shared=shared, kind=kind)
+            user_id=user_id, nsfw=nsfw, censor_nsfw=censor, r2=r2, shared=shared, kind=kind,
+            source_processing=source_processing, source_image_key=source_key,
+            source_mask_key=mask_key)
         if len(chosen) == limit:
             break
     jobs = list(chosen.values())
@@ -287,6 +305,26 @@ def _back_to_queue_values(reason: str, max_attempts: int) -> dict:
         "claim_id": None, "claimed_by": None, "deadline": None,
         "finished_at": case((give_up, time.time()), else_=None),
     }
+
+
+def fault(db: Database, claims: list[tuple[str, str]], reason: str) -> int:
+    """End claimed generations as `faulted` at once: a job that cannot run as given (a
+    deployment's JobRejected) fails the same way on every attempt, so it is not retried. Only
+    the current claim can do it; the requester is not charged (nothing finished)."""
+    if not claims:
+        return 0
+    with db.write() as session:
+        faulted = []
+        for gen_id, claim_id in claims:
+            row = session.execute(
+                update(G).where(G.c.id == gen_id, G.c.claim_id == claim_id, G.c.state == "processing")
+                .values(state="faulted", fault_reason=reason, claim_id=None, claimed_by=None,
+                        deadline=None, finished_at=time.time()).returning(G.c.id)
+            ).first()
+            if row:
+                faulted.append(gen_id)
+        _drop_entries_of_ended(session, faulted)
+        return len(faulted)
 
 
 def _drop_entries_of_ended(session, gen_ids: list[str]) -> None:

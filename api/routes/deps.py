@@ -80,11 +80,14 @@ def rate_limited(group: str) -> Callable:
 
 
 async def accept_request(request: Request, body, apikey: str | None, price: Callable,
-                         submit: Callable):
+                         submit: Callable, prepare: Callable | None = None):
     """The shape of both `/generate/async` routes: a dry run is priced (200 `{kudos}`); any
-    other request is queued (`submit(ctx, session, user, body, requester, client_agent)` ->
-    (request, warnings)) and the dispatcher woken, on the event loop and after the commit,
-    since Serve handles must be called from the loop."""
+    other request is queued (`submit(ctx, session, user, body, requester, client_agent,
+    prepared)` -> (request, warnings)) and the dispatcher woken, on the event loop and after
+    the commit, since Serve handles must be called from the loop. `prepare(ctx, body)` does
+    the slow part (fetching source images) before the write transaction opens, so it never
+    holds the database; what it returns has `delete(storage)`, called when the request is
+    refused after all."""
     ctx = ctx_of(request)
     if body.dry_run:
         def priced() -> float:
@@ -95,9 +98,15 @@ async def accept_request(request: Request, body, apikey: str | None, price: Call
     agent, ip = client_agent(request), client_ip(request)
 
     def queued():
-        with ctx.db.write() as session:
-            user = authenticate(ctx, session, apikey)
-            return submit(ctx, session, user, body, requester_of(user, ip), agent)
+        prepared = prepare(ctx, body) if prepare is not None else None
+        try:
+            with ctx.db.write() as session:
+                user = authenticate(ctx, session, apikey)
+                return submit(ctx, session, user, body, requester_of(user, ip), agent, prepared)
+        except BaseException:
+            if prepared is not None:
+                prepared.delete(ctx.storage)
+            raise
 
     req, warnings = await run_in_threadpool(queued)
     request.app.state.on_submit()

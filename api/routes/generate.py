@@ -18,8 +18,9 @@ async def generate_async(body: ImageGenerateRequest, request: Request,
                          apikey: str | None = Header(None)):
     return await accept_request(
         request, body, apikey, images.price,
-        lambda ctx, session, user, body, requester, agent:
-            images.submit(ctx, user, body, agent, requester, session))
+        lambda ctx, session, user, body, requester, agent, stored:
+            images.submit(ctx, user, body, agent, requester, session, stored),
+        prepare=images.prepare)
 
 
 @router.get("/generate/check/{request_id}", response_model=RequestStatusCheck,

@@ -19,7 +19,7 @@ router = APIRouter(tags=["text"])
 async def text_async(body: TextGenerateRequest, request: Request, apikey: str | None = Header(None)):
     return await accept_request(
         request, body, apikey, texts.price,
-        lambda ctx, session, user, body, requester, agent:
+        lambda ctx, session, user, body, requester, agent, _prepared:
             texts.submit_horde(ctx, session, user, body, requester, agent))
 
 

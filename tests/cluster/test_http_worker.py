@@ -41,6 +41,9 @@ from cluster.http_worker import (
     text_job,
 )
 from conftest import make_ctx
+from deployments.jobs import ImageJob, JobRejected
+from models.catalog import Family
+from models.workflows import Workflow
 
 ROOT = Path(__file__).resolve().parents[2]
 ANON = {"apikey": "0000000000"}
@@ -176,22 +179,32 @@ def test_payload_mapping_to_deployment_jobs():
                "width": 576, "height": 512, "sampler_name": "k_euler_a", "cfg_scale": 6.0,
                "karras": False, "clip_skip": 2, "tiling": False, "hires_fix": False,
                "post_processing": [], "use_nsfw_censor": False}
-    job = image_job("tiny-sd15", payload, 3)
-    assert job == {"model": "tiny-sd15", "prompt": "a cat", "negative_prompt": "dog, blur",
-                   "width": 576, "height": 512, "steps": 12, "cfg_scale": 6.0,
-                   "sampler_name": "k_euler_a", "karras": False, "clip_skip": 2, "tiling": False,
-                   "seeds": [4294967295, 0, 1]}  # the horde's seed space wraps at 2**32
-    for refused in ({"hires_fix": True}, {"post_processing": ["RealESRGAN_x4plus"]},
-                    {"seed": "not-a-number"}):
-        with pytest.raises(UnsupportedJob):
-            image_job("tiny-sd15", {**payload, **refused}, 1)
+    sd15 = Family.stable_diffusion_1
+    job = image_job(sd15, "tiny-sd15", payload, 3)
+    assert job == ImageJob(model="tiny-sd15", prompt="a cat", negative_prompt="dog, blur",
+                           width=576, height=512, steps=12, cfg_scale=6.0, sampler_name="k_euler_a",
+                           karras=False, clip_skip=2, tiling=False, workflow=Workflow.txt2img,
+                           seeds=(4294967295, 0, 1))  # the horde's seed space wraps at 2**32
+    # Hires fix past the native size, and a source image, pick their workflows.
+    hires = image_job(sd15, "tiny-sd15", {**payload, "hires_fix": True, "width": 1024, "height": 768,
+                                          "hires_fix_denoising_strength": 0.3}, 1)
+    assert hires.workflow is Workflow.hires_fix and hires.hires_fix_denoising_strength == 0.3
+    painted = image_job(sd15, "tiny-sd15", {**payload, "denoising_strength": 0.4}, 1,
+                        "inpainting", b"png", b"mask")
+    assert painted.workflow is Workflow.inpainting and painted.denoising_strength == 0.4
+    with pytest.raises(UnsupportedJob):
+        image_job(sd15, "tiny-sd15", {**payload, "post_processing": ["RealESRGAN_x4plus"]}, 1)
+    for bad, field in (({"seed": "not-a-number"}, "seed"), ({"ddim_steps": 0}, "steps"),
+                       ({"denoising_strength": 2}, "denoising_strength")):
+        with pytest.raises(JobRejected, match=field):
+            image_job(sd15, "tiny-sd15", {**payload, **bad}, 1)
     text = {"prompt": "Hi", "n": 2, "max_length": 40, "max_context_length": 512,
             "temperature": 0.5, "top_p": None, "rep_pen": 1.2, "stop_sequence": ["\n"]}
     a, b = text_job("tiny-llm", text), text_job("tiny-llm", text)
-    assert {k: v for k, v in a.items() if k != "seed"} == {
+    assert a.model_dump(exclude={"seed"}, exclude_defaults=True) == {
         "model": "tiny-llm", "prompt": "Hi", "max_length": 40, "max_context_length": 512,
-        "temperature": 0.5, "rep_pen": 1.2, "stop_sequence": ["\n"]}
-    assert a["seed"] != b["seed"]  # one random seed per generation
+        "temperature": 0.5, "rep_pen": 1.2, "stop_sequence": ("\n",)}
+    assert a.seed != b.seed  # one random seed per generation
 
 
 @pytest.mark.timeout(60)
@@ -264,8 +277,8 @@ def test_a_failing_generation_is_submitted_faulted_and_requeued(api):
     assert result["code"] == 0 and worker.stats.generations_faulted == 6
     assert worker.stats.generations_done == 0 and worker.stats.kudos_earned == 0
     assert "faulted: RuntimeError: replica died" in out.getvalue()
-    image_jobs = [j for j in failing.jobs if "seeds" in j]
-    assert len(image_jobs) == 3 and all(j["seeds"] == [5] for j in image_jobs)
+    image_jobs = [j for j in failing.jobs if isinstance(j, ImageJob)]
+    assert len(image_jobs) == 3 and all(j.seeds == (5,) for j in image_jobs)
 
 
 @pytest.mark.timeout(60)

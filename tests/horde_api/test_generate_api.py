@@ -118,7 +118,13 @@ def test_unknown_request_is_404(client):
     ({"params": {"sampler_name": "k_nope"}}, "params.sampler_name"),
     ({"params": {"seed_variation": 0}}, "params.seed_variation"),
     ({"params": {"karras": "maybe"}}, "params.karras"),
-    ({"params": {"hires_fix": True}}, "params.hires_fix"),
+    ({"params": {"hires_fix_denoising_strength": 0}}, "params.hires_fix_denoising_strength"),
+    ({"params": {"denoising_strength": 1.5}}, "params.denoising_strength"),
+    ({"source_mask": "aGVsbG8="}, "source_mask"),
+    ({"source_processing": "inpainting"}, "source_processing"),
+    ({"source_processing": "remix", "source_image": "aGVsbG8="}, "source_processing"),
+    ({"models": ["tiny-sd15-inpainting"]}, "models"),
+    ({"models": ["tiny-cascade"], "source_image": "aGVsbG8="}, "source_processing"),
     ({"params": {"post_processing": ["GFPGAN"]}}, "params.post_processing"),
     ({"params": "not an object"}, "params"),
     ({"prompt": ""}, "prompt"),
@@ -178,7 +184,7 @@ def test_find_user_anonymous_and_heartbeat(client):
 def test_status_models_lists_served_models_with_queue(client):
     submit(client, params={"n": 4, "steps": 10})
     models = {m["name"]: m for m in client.get("/api/v2/status/models?type=image").json()}
-    assert set(models) == {"tiny-sd15", "tiny-sdxl", "tiny-cascade"}
+    assert set(models) == {"tiny-sd15", "tiny-sd15-inpainting", "tiny-sdxl", "tiny-cascade"}
     assert models["tiny-sd15"]["jobs"] == 4 and models["tiny-sd15"]["queued"] > 0
     assert [m["name"] for m in client.get("/api/v2/status/models?type=text").json()] == ["tiny-llm"]
     assert client.get("/api/v2/status/models?type=video").status_code == 400

@@ -69,7 +69,7 @@ def settings_for(workdir: Path, database_url: str | None = None) -> dict:
         "storage": "local",
         "storage_dir": str(workdir / "objects"),
         "catalog_path": str(ROOT / "configs" / "models.yaml"),
-        "served_models": ["tiny-sd15", "tiny-sdxl", "tiny-cascade", "tiny-llm"],
+        "served_models": ["tiny-sd15", "tiny-sd15-inpainting", "tiny-sdxl", "tiny-cascade", "tiny-llm"],
     }
 
 

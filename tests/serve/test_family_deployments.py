@@ -32,12 +32,13 @@ def handle():
     import ray
     from ray import serve
 
-    from deployments.sd15 import SD15Deployment
+    from cluster.app import family_deployments
+    from models.catalog import Family
 
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         serve.start(proxy_location="Disabled")
-        yield serve.run(SD15Deployment.bind(MODELS), name="family-test", route_prefix=None)
+        yield serve.run(family_deployments()[Family.stable_diffusion_1].bind(MODELS), name="family-test", route_prefix=None)
     finally:
         try:
             serve.shutdown()
@@ -68,8 +69,8 @@ def test_generate_through_a_multiplexed_handle(handle):
     assert call(handle, JOB)["images"] == reply["images"]
     # And the same images the generator makes in this process (thread counts may differ from
     # the replica's, which can move a pixel by a level or two after WebP).
-    from deployments.image_common import encode_webp
-    from deployments.sd15 import SD15Generator
+    from deployments.diffusion.common import encode_webp
+    from deployments.diffusion.deployment import SD15Generator
 
     gen = SD15Generator(MODELS, device="cpu")
     local = [encode_webp(im) for im in gen.generate(gen.load("tiny-sd15"), JOB)]

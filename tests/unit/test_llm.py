@@ -121,7 +121,7 @@ def test_pretrained_folder_loads_through_from_pretrained(gen, loaded, tmp_path):
     jobs = [job(temperature=0.0, max_length=32), job(temperature=1.0, seed=9, max_length=32),
             job(messages=[{"role": "user", "content": "hello"}], temperature=0.0)]
     want = gen.generate_batch(loaded, jobs)
-    got = folder_gen.generate_batch(from_folder, [dataclasses.replace(j, model="tiny-llm-folder") for j in jobs])
+    got = folder_gen.generate_batch(from_folder, [j.model_copy(update={"model": "tiny-llm-folder"}) for j in jobs])
     assert got == want
 
 
@@ -479,7 +479,7 @@ def test_run_batch_groups_by_model_streams_and_isolates_bad_jobs(gen, loaded):
     second = {**TINY, "name": "tiny-llm-b"}
     deployment = LocalLLMDeployment([TINY, second])
     jobs = [job(seed=1, max_length=6), job(max_context_length=4096),  # the second cannot fit the model
-            dataclasses.replace(job(seed=2, max_length=12), model="tiny-llm-b"),
+            job(seed=2, max_length=12).model_copy(update={"model": "tiny-llm-b"}),
             job(seed=3, max_length=20, stop_sequence=["e"])]
 
     async def collect():
@@ -498,7 +498,7 @@ def test_run_batch_groups_by_model_streams_and_isolates_bad_jobs(gen, loaded):
         result = last["result"]
         assert "".join(it["delta"] for it in live) == result["text"]
         assert (result["node_id"], result["replica"]) == ("node-1", "replica-1") and result["seconds"] > 0
-        solo = gen.generate_batch(loaded, [dataclasses.replace(jobs[i], model="tiny-llm")])[0]
+        solo = gen.generate_batch(loaded, [jobs[i].model_copy(update={"model": "tiny-llm"})])[0]
         assert {k: result[k] for k in solo} == solo
     # Each model's jobs were decoded together: two tiny-llm jobs, one tiny-llm-b job.
     sizes = [next(it for it in reversed(items) if it is not StopIteration)["result"]["batch_size"]

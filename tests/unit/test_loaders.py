@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deployments.cascade import CascadeGenerator
-from deployments.sd15 import SD15Generator
-from deployments.sdxl import SDXLGenerator
+from deployments.diffusion.deployment import CascadeGenerator
+from deployments.diffusion.deployment import SD15Generator
+from deployments.diffusion.deployment import SDXLGenerator
 from models import ldm_export
 from models.catalog import ModelEntry
 from models.loaders import load_pipeline, torch_dtype

@@ -12,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from deployments.cascade import CascadeGenerator, split_steps
-from deployments.image_common import Job, diffusers_clip_skip, encode_webp
-from deployments.sd15 import SD15Generator
-from deployments.sdxl import SDXLGenerator
+from deployments.diffusion.cascade import split_steps
+from deployments.diffusion.deployment import CascadeGenerator
+from deployments.diffusion.common import diffusers_clip_skip, encode_webp
+from deployments.jobs import ImageJob, JobRejected
+from deployments.diffusion.deployment import SD15Generator
+from deployments.diffusion.deployment import SDXLGenerator
 from models.tiny import BUILTIN, MAX_TOKENS, build_tokenizer
 
 FAMILIES = {
@@ -142,7 +144,7 @@ def test_clip_skip_changes_the_image(name):
     family = built(name)
     (one,), (two,), (three,) = run(family, clip_skip=1), run(family, clip_skip=2), run(family, clip_skip=3)
     assert one != two and two != three
-    (many,) = run(family, clip_skip=99)  # past the encoder's depth: clamped, still runs
+    (many,) = run(family, clip_skip=12)  # the horde's most, past the tiny encoder's depth: clamped
     assert many
 
 
@@ -175,14 +177,19 @@ def test_cascade_step_split():
 
 @pytest.mark.timeout(30)
 def test_job_parsing():
-    parsed = Job.from_dict(job("m", seeds=["5", 6], cfg_scale=7, width="512", unknown_key=1))
+    parsed = ImageJob.parse(job("m", seeds=[5, 6.0], cfg_scale=7, width=512.0))
     assert parsed.seeds == (5, 6) and parsed.cfg_scale == 7.0 and parsed.width == 512
-    assert Job.from_dict({"model": "m", "prompt": "p", "seeds": [1], "negative_prompt": None}).negative_prompt == ""
-    for bad in ({"seeds": []}, {"width": 100}, {"steps": 0}, {"clip_skip": 0}):
-        with pytest.raises(ValueError):
-            Job.from_dict(job("m", **bad))
-    with pytest.raises(ValueError, match="missing"):
-        Job.from_dict({"model": "m", "prompt": "p"})
+    assert ImageJob.parse({"model": "m", "prompt": "p", "seeds": [1], "negative_prompt": None}).negative_prompt == ""
+    # Every bad field is refused by name, as JobRejected (faulted at once, never retried).
+    for bad, field in (({"seeds": []}, "seeds"), ({"width": 100}, "width"), ({"steps": 0}, "steps"),
+                       ({"clip_skip": 0}, "clip_skip"), ({"seeds": ["5"]}, r"seeds\[0\]"),
+                       ({"width": "512"}, "width"), ({"cfg_scale": float("nan")}, "cfg_scale"),
+                       ({"unknown_key": 1}, "unknown_key"), ({"seeds": [1] * 21}, "seeds"),
+                       ({"workflow": "img2img"}, "source_image")):
+        with pytest.raises(JobRejected, match=field):
+            ImageJob.parse(job("m", **bad))
+    with pytest.raises(JobRejected, match="seeds"):
+        ImageJob.parse({"model": "m", "prompt": "p"})
 
 
 @pytest.mark.timeout(30)
@@ -196,7 +203,7 @@ def test_generator_refuses_other_families_and_unknown_models():
 
 @pytest.mark.timeout(60)
 def test_sd15_clip_skip_embeddings_match_the_pipelines_own():
-    from deployments.sd15 import clip_skip_embeds
+    from deployments.diffusion.sd15 import clip_skip_embeds
 
     gen = SD15Generator([builtin("m", "stable_diffusion_1", "tiny-sd15")])
     pipe = gen.load("m")

@@ -1,22 +1,11 @@
-"""What the three image deployments (sd15, sdxl, cascade) share: the job contract, seeds ->
-generators, horde clip_skip -> diffusers, WebP encoding, and the replica-side runner that keeps
-one pipeline call at a time per replica. The family modules hold everything model-specific.
+"""What the diffusion families share: seeds -> generators, horde clip_skip -> diffusers, source
+images and masks, WebP encoding, and the replica-side runner that keeps one pipeline call at a
+time per replica. The job contract is `deployments/jobs.py` (ImageJob); the tasks
+(`tasks.py`) and the family modules hold the rest.
 
-A job (the dict sent to `<Family>Deployment.generate`):
-    model (str)            catalog name; also the request's multiplexed model id
-    prompt (str)           positive prompt
-    negative_prompt (str)  may be ""
-    width, height (int)    pixels, multiples of 8
-    steps (int)            sampling steps (Stable Cascade splits them between its two stages)
-    cfg_scale (float)      classifier-free guidance scale
-    sampler_name (str)     AI Horde name (models/samplers.py); ignored by Stable Cascade
-    karras (bool)          Karras sigmas where the sampler supports them
-    clip_skip (int)        horde semantics: 1 = use the last CLIP layer, k = skip k-1 layers
-    seeds (list[int])      one image per seed, all made in one pipeline call
-    tiling (bool)          accepted, not implemented (seamless tiling needs circular conv padding)
-The reply: {"images": [webp bytes, one per seed, in order], "seeds": [...], "node_id": Ray node id,
-"replica": Serve's full replica id, "seconds": the pipeline call + encoding (not model loading or
-waiting for the replica's previous job)}.
+The reply of a deployment's `generate`: {"images": [webp bytes, one per seed, in order],
+"seeds": [...], "node_id": Ray node id, "replica": Serve's full replica id, "seconds": the
+pipeline call + encoding (not model loading or waiting for the replica's previous job)}.
 """
 
 from __future__ import annotations
@@ -25,54 +14,15 @@ import asyncio
 import io
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
 
+from deployments.jobs import ImageJob, JobRejected
 from models.catalog import Family, ModelEntry
 
 WEBP_QUALITY = 95
-
-
-@dataclass(frozen=True)
-class Job:
-    model: str
-    prompt: str
-    seeds: tuple[int, ...]
-    negative_prompt: str = ""
-    width: int = 512
-    height: int = 512
-    steps: int = 30
-    cfg_scale: float = 7.0
-    sampler_name: str = "k_euler"
-    karras: bool = True
-    clip_skip: int = 1
-    tiling: bool = False
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Job":
-        """Parse and check a job dict; unknown keys are ignored, missing optional ones take
-        the defaults above, types are coerced (JSON may send 7 for 7.0)."""
-        missing = [k for k in ("model", "prompt", "seeds") if k not in d]
-        if missing:
-            raise ValueError(f"job is missing {missing}")
-        defaults = cls("", "", ())
-        get = lambda key: d[key] if d.get(key) is not None else getattr(defaults, key)  # noqa: E731
-        job = cls(
-            model=str(d["model"]), prompt=str(d["prompt"]), seeds=tuple(int(s) for s in d["seeds"]),
-            negative_prompt=str(get("negative_prompt")), width=int(get("width")), height=int(get("height")),
-            steps=int(get("steps")), cfg_scale=float(get("cfg_scale")), sampler_name=str(get("sampler_name")),
-            karras=bool(get("karras")), clip_skip=int(get("clip_skip")), tiling=bool(get("tiling")),
-        )
-        if not job.seeds:
-            raise ValueError("job needs at least one seed")
-        if job.width <= 0 or job.height <= 0 or job.width % 8 or job.height % 8:
-            raise ValueError(f"width and height must be positive multiples of 8, got {job.width}x{job.height}")
-        if job.steps < 1 or job.clip_skip < 1:
-            raise ValueError("steps and clip_skip must be at least 1")
-        return job
 
 
 def generators(seeds: tuple[int, ...] | list[int]) -> list[torch.Generator]:
@@ -122,7 +72,7 @@ class ReplicaRunner:
     def __init__(self) -> None:
         self._lock = asyncio.Lock()
 
-    async def run(self, work: Callable[[Any, Job], list[Image.Image]], pipe: Any, job: Job) -> dict:
+    async def run(self, work: Callable[[Any, ImageJob], list[Image.Image]], pipe: Any, job: ImageJob) -> dict:
         from ray import get_runtime_context, serve  # here, so the plain generators need no Ray
 
         async with self._lock:
@@ -139,13 +89,13 @@ class ReplicaRunner:
         }
 
 
-def check_model_id(job: Job) -> None:
+def check_model_id(job: Any) -> None:
     """The multiplexed model id routes the request; it must name the job's model."""
     from ray import serve
 
     model_id = serve.get_multiplexed_model_id()
     if model_id and model_id != job.model:
-        raise ValueError(f"request routed for model {model_id!r} but the job is for {job.model!r}")
+        raise JobRejected(f"request routed for model {model_id!r} but the job is for {job.model!r}")
 
 
 def base_scheduler_config(pipe: Any) -> dict:
@@ -157,3 +107,45 @@ def base_scheduler_config(pipe: Any) -> dict:
         config = dict(pipe.scheduler.config)
         pipe._horde_base_scheduler_config = config
     return config
+
+
+# Pixels a source image may have once decoded here: the API checked what it stored, but a
+# worker's download comes from whoever answered the URL.
+MAX_SOURCE_PIXELS = 3072 * 3072
+
+
+def decode_source(data: bytes, field: str) -> Image.Image:
+    """A job's source image or mask bytes as a loaded PIL image; JobRejected naming the field
+    when they are not a WebP, PNG or JPEG image within MAX_SOURCE_PIXELS."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format not in ("PNG", "WEBP", "JPEG"):
+            raise JobRejected(f"{field}: {image.format} images are not accepted")
+        if image.width * image.height > MAX_SOURCE_PIXELS:
+            raise JobRejected(f"{field}: {image.width}x{image.height} is over {MAX_SOURCE_PIXELS} pixels")
+        image.load()
+    except JobRejected:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for bad data
+        raise JobRejected(f"{field}: not a readable image ({type(e).__name__})") from None
+    return image
+
+
+def fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The AI Horde resizes sources to the size being generated (LANCZOS)."""
+    return image if image.size == (width, height) else \
+        image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+def source_and_mask(job: ImageJob, width: int, height: int) -> tuple[Image.Image, Image.Image | None]:
+    """The job's source as RGB at the generated size, and its mask (L, white = repaint): the
+    job's `source_mask`, else the source's transparency (mask = 255 - alpha), else None."""
+    source = decode_source(job.source_image, "source_image")
+    mask = None
+    if job.source_mask is not None:
+        mask = fit(decode_source(job.source_mask, "source_mask").convert("L"), width, height)
+    elif source.mode in ("RGBA", "LA", "PA") or "transparency" in source.info:
+        alpha = source.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            mask = fit(alpha.point(lambda a: 255 - a), width, height)
+    return fit(source.convert("RGB"), width, height), mask

@@ -1,0 +1,141 @@
+"""The image workflows of a request, on the API side: the AI Horde's rules about which
+combinations are valid (each refusal a 400 naming the field, with the horde's rc), the source
+image and mask (fetched or decoded with limits by api/sources.py, then stored once with the
+request), the queue features a worker must allow, and the price factors.
+
+Which workflow a request's jobs run is decided by models/workflows.py, the same code the
+dispatcher and the deployments use.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from api import sources
+from api.db import queue
+from api.errors import HordeError
+from api.schemas import ImageGenerateRequest
+from api.settings import Settings
+from api.storage import Storage
+from models.adapters import AdapterCatalog
+from models.adapters import check_request as check_adapters
+from models.catalog import Catalog, Family
+from models.workflows import Workflow, choose_workflow, first_pass_size, hires_fix_applies
+
+
+@dataclass(frozen=True)
+class StoredSources:
+    """What a request's source image and mask became: an id for the request (their keys name
+    it) and the stored objects' keys."""
+
+    request_id: str
+    image_key: str | None = None
+    mask_key: str | None = None
+
+    def delete(self, storage: Storage) -> None:
+        for key in (self.image_key, self.mask_key):
+            if key is not None and storage.exists(key):
+                storage.delete(key)
+
+
+def check(catalog: Catalog, adapters: AdapterCatalog, body: ImageGenerateRequest,
+          family: Family) -> None:
+    """The rules that need no image decoded: cheap, so dry runs and refusals cost nothing."""
+    p, source = body.params, body.source_image is not None
+    if body.source_mask is not None and not source:
+        raise HordeError(400, "SourceMaskUnnecessary",
+                         "source_mask: a mask needs a source_image to apply to")
+    if body.source_processing == "remix":
+        if family is not Family.stable_cascade:
+            raise HordeError(400, "InvalidRemix", "source_processing: remix needs a Stable Cascade model")
+        raise HordeError(400, "UnsupportedFeature",
+                         "source_processing: remix is not supported by this cluster yet")
+    if not source and body.source_processing != "img2img":
+        raise HordeError(400, "MissingSourceImage",
+                         f"source_processing: {body.source_processing} needs a source_image")
+    if source and family is Family.stable_cascade:
+        raise HordeError(400, "InvalidSourceProcessing",
+                         f"source_processing: Stable Cascade models take source images only for "
+                         f"remix, not {body.source_processing}")
+    painting = source and body.source_processing in ("inpainting", "outpainting")
+    inpainting_models = [m for m in body.models if catalog.get(m).inpainting]
+    if inpainting_models and not painting:
+        raise HordeError(400, "InpaintingModelMismatch",
+                         f"models: {', '.join(inpainting_models)} only inpaint: send a source_image "
+                         "with source_processing inpainting or outpainting")
+    if p.transparent and family not in (Family.stable_diffusion_1, Family.stable_diffusion_xl):
+        raise HordeError(400, "InvalidTransparency",
+                         "params.transparent: only Stable Diffusion 1.5 and SDXL models make transparent images")
+    if p.transparent and source:
+        raise HordeError(400, "InvalidTransparency",
+                         "params.transparent: transparent images are generated from text only, "
+                         "without a source_image")
+    if p.transparent:
+        without = [m for m in body.models if catalog.get(m).layer_diffuse is None]
+        if without or not body.models:
+            raise HordeError(400, "InvalidTransparency",
+                             "params.transparent: name models with Layer Diffuse weights in the "
+                             f"catalog{'; not: ' + ', '.join(without) if without else ''}")
+    if (p.loras or p.tis) and family not in (Family.stable_diffusion_1, Family.stable_diffusion_xl):
+        raise HordeError(400, "InvalidLoRA", "params.loras, params.tis: LoRAs and textual "
+                         "inversions are for Stable Diffusion 1.5 and SDXL models")
+    problems = check_adapters(adapters, p.loras, p.tis, family.value)
+    if problems:
+        raise HordeError(400, "UnknownAdapter", "params." + "; params.".join(problems))
+
+
+def workflow(body: ImageGenerateRequest, family: Family) -> Workflow:
+    p = body.params
+    return choose_workflow(family, width=p.width, height=p.height,
+                           source_processing=body.source_processing,
+                           has_source=body.source_image is not None, hires_fix=p.hires_fix,
+                           transparent=p.transparent)
+
+
+def features(body: ImageGenerateRequest, family: Family) -> int:
+    """What a worker must allow to take the request's jobs (the pop's allow_* flags)."""
+    w, p, out = workflow(body, family), body.params, 0
+    if body.source_image is not None:
+        out |= queue.Feature.PAINTING if w.painting else queue.Feature.SOURCE_IMAGE
+    if p.loras or p.tis:
+        out |= queue.Feature.LORA
+    return int(out)
+
+
+def hires_first_pass(body: ImageGenerateRequest, family: Family) -> tuple[int, int] | None:
+    """The hires fix's first-pass size, when it runs (its pixels are part of the price)."""
+    p = body.params
+    painting = body.source_image is not None and body.source_processing != "img2img"
+    if p.hires_fix and not p.transparent and hires_fix_applies(family, p.width, p.height, painting):
+        return first_pass_size(family, p.width, p.height)
+    return None
+
+
+def limits(settings: Settings) -> sources.SourceLimits:
+    return sources.SourceLimits(max_bytes=settings.max_source_bytes,
+                                max_pixels=settings.max_source_pixels,
+                                fetch_timeout_seconds=settings.source_fetch_timeout_seconds,
+                                allow_private_urls=settings.allow_private_source_urls)
+
+
+def store(settings: Settings, storage: Storage, body: ImageGenerateRequest) -> StoredSources:
+    """Fetch or decode the source image and mask (blocking: URLs are fetched; call it off the
+    event loop and outside any database transaction), check the inpainting rule that needs
+    the image, and store both as lossless PNG under a new request id."""
+    request_id = str(uuid.uuid4())
+    if body.source_image is None:
+        return StoredSources(request_id)
+    lim = limits(settings)
+    image = sources.load_source(body.source_image, "source_image", lim)
+    mask = None if body.source_mask is None else sources.load_source(body.source_mask, "source_mask", lim)
+    if body.source_processing in ("inpainting", "outpainting") and mask is None and not image.has_alpha:
+        raise HordeError(400, "InpaintingMissingMask",
+                         f"source_mask: {body.source_processing} needs a source_mask or a "
+                         "source_image with transparent pixels to repaint")
+    stored = StoredSources(request_id, f"sources/{request_id}/image.png",
+                           None if mask is None else f"sources/{request_id}/mask.png")
+    storage.put(stored.image_key, image.png, "image/png")
+    if mask is not None:
+        storage.put(stored.mask_key, mask.png, "image/png")
+    return stored
