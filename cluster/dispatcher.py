@@ -310,7 +310,10 @@ class Dispatcher:
     async def _failed(self, route: FamilyRoute, claims: list[tuple[str, str]], exc: Exception) -> None:
         """A job the deployment refused for its input is faulted at once with the reason; any
         other failure (a dead replica, a failed load) hands it back to the queue."""
-        reason = f"{type(exc).__name__}: {exc}"[:500]
+        # A Ray error carries the deployment's exception as its cause; its message (not Ray's
+        # traceback) is what the requester and the operator need to read.
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+        reason = f"{type(cause).__name__}: {cause}"[:500]
         if is_rejection(exc):
             log.warning("job refused (%s); faulting %d", reason, len(claims))
             await asyncio.to_thread(queue.fault, self.db, claims, reason)

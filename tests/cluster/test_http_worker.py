@@ -9,6 +9,8 @@ worker`. One Ray at a time: each test that starts one shuts it down in its fixtu
 
 from __future__ import annotations
 
+import base64
+
 import io
 import os
 import signal
@@ -21,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
 import pytest
 import uvicorn
@@ -73,8 +76,8 @@ class ApiServer:
 
     def start(self) -> None:
         self.db = Database(self.database_url)
-        self.ctx = make_ctx(self.db, self.tmp_path, public_url=self.url,
-                            served_models=["tiny-sd15", "tiny-llm"], **self.settings)
+        self.ctx = make_ctx(self.db, self.tmp_path, **{
+            "public_url": self.url, "served_models": ["tiny-sd15", "tiny-llm"], **self.settings})
         config = uvicorn.Config(create_app(self.ctx), host="127.0.0.1", port=self.port,
                                 log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
@@ -374,6 +377,65 @@ def test_worker_serves_image_and_text_jobs_and_earns_kudos(api):
     log = out.getvalue()
     assert "total 3 generations" in log and "tiny-sd15" in log and "tiny-llm" in log
     assert key not in log
+
+
+def _png_b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.timeout(400)
+def test_worker_runs_every_image_workflow(tmp_path):
+    """img2img, outpainting on an inpainting checkpoint, hires fix, a transparent image and a
+    LoRA, each popped with its source URLs and parameters, generated on the volunteer's own
+    Ray and checked in what the requester gets back."""
+    api = ApiServer(tmp_path, served_models=["tiny-sd15", "tiny-sd15-inpainting"])
+    api.start()
+    try:
+        _, key = api.create_user("painter")
+        source = Image.new("RGB", (64, 64), (20, 20, 20))
+        source.paste((250, 240, 60), (8, 8, 56, 24))  # not symmetric: rotated, it differs
+        padded = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+        padded.paste(source.convert("RGBA").resize((32, 32)), (16, 16))
+
+        def queue(models=("tiny-sd15",), **body) -> str:
+            params = {"width": 64, "height": 64, "steps": 4, "seed": "42", **body.pop("params", {})}
+            r = httpx.post(f"{api.url}/api/v2/generate/async", headers=ANON, json={
+                "prompt": "a lighthouse", "models": list(models), "params": params, **body})
+            assert r.status_code == 202, r.text
+            return r.json()["id"]
+
+        ids = {
+            "plain": queue(),
+            "img2img": queue(source_image=_png_b64(source), params={"denoising_strength": 0.05}),
+            "img2img_other": queue(source_image=_png_b64(source.transpose(Image.Transpose.ROTATE_90)),
+                                   params={"denoising_strength": 0.05}),
+            "outpainting": queue(["tiny-sd15-inpainting"], source_image=_png_b64(padded),
+                                 source_processing="outpainting"),
+            "hires": queue(params={"width": 768, "height": 640, "hires_fix": True}),
+            "transparent": queue(params={"transparent": True}),
+            "lora": queue(params={"loras": [{"name": "tiny-lora"}]}),
+        }
+        config = worker_config(api, key, ["tiny-sd15", "tiny-sd15-inpainting"], name="painter-box")
+        with running_worker(config):
+            wait_until(lambda: all(image_status(api, rid)["done"] for rid in ids.values()),
+                       timeout=300, what="every workflow done")
+        images = {}
+        for name, rid in ids.items():
+            (g,) = image_status(api, rid)["generations"]
+            assert g["worker_name"] == "painter-box" and g["state"] == "ok", (name, g)
+            images[name] = Image.open(io.BytesIO(httpx.get(g["img"]).content))
+    finally:
+        api.stop()
+    pixels = {k: np.asarray(v.convert("RGB"), np.float32) for k, v in images.items()}
+    diff = lambda a, b: float(np.abs(pixels[a] - pixels[b]).mean())  # noqa: E731
+    assert images["hires"].size == (768, 640)
+    assert images["outpainting"].size == (64, 64) and diff("outpainting", "plain") > 1.0
+    assert images["transparent"].mode == "RGBA"
+    assert np.asarray(images["transparent"].getchannel("A"), np.float32).std() > 1.0
+    assert diff("lora", "plain") > 1.0
+    assert diff("img2img", "img2img_other") > 3.0  # the source decides at a low strength
 
 
 @pytest.mark.timeout(240)

@@ -97,3 +97,19 @@ def test_bad_requests_fail(handle):
         call(handle, JOB, model_id="tiny-sd15-b")
     with pytest.raises(Exception, match="not one of"):
         call(handle, {**JOB, "model": "no-such-model"})
+
+
+@pytest.mark.timeout(300)
+def test_refused_jobs_arrive_as_job_rejected(handle):
+    """What the dispatcher faults at once without retrying: a job the deployment refuses for
+    its input comes back through Serve as JobRejected (Ray's error is also the cause's type);
+    anything else does not."""
+    from cluster.dispatcher import is_rejection
+    from deployments.jobs import JobRejected
+
+    with pytest.raises(JobRejected, match="source_image") as refused:
+        call(handle, {**JOB, "workflow": "img2img", "source_image": b"GIF89a not an image"})
+    assert is_rejection(refused.value)
+    with pytest.raises(JobRejected, match=r"params.loras\[0\]"):
+        call(handle, {**JOB, "loras": [{"name": "not-in-the-catalog"}]})
+    assert not is_rejection(RuntimeError("replica died"))

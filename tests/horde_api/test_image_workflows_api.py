@@ -1,0 +1,186 @@
+"""Image workflows at the API, on SQLite and PostgreSQL: the AI Horde's rules (each refusal a
+400 naming the field), prices, source images stored once with the request, and what the
+worker protocol hands out (pop payloads with source URLs, allow_* filters, skipped counts)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+
+from api.db.models import Request
+from api.kudos import image_cost
+from conftest import make_ctx
+from models.catalog import Family
+from test_economy import make_user, submit
+from test_workers import pop
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def b64(image: Image.Image) -> str:
+    return base64.b64encode(png(image)).decode()
+
+
+SOURCE = Image.new("RGB", (96, 64), (200, 30, 30))
+PADDED = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+PADDED.paste(Image.new("RGBA", (32, 32), (10, 200, 10, 255)), (16, 16))
+MASK = Image.new("L", (96, 64), 0)
+
+
+def stored_objects(ctx) -> list[str]:
+    root = ctx.storage.root / "sources"
+    return sorted(str(p.relative_to(ctx.storage.root)) for p in root.rglob("*.png")) if root.exists() else []
+
+
+@pytest.mark.parametrize("body, field, rc", [
+    ({"source_mask": b64(MASK)}, "source_mask", "SourceMaskUnnecessary"),
+    ({"source_image": b64(SOURCE), "source_processing": "inpainting"}, "source_mask",
+     "InpaintingMissingMask"),
+    ({"source_processing": "outpainting"}, "source_processing", "MissingSourceImage"),
+    ({"source_image": b64(SOURCE), "source_processing": "remix"}, "source_processing", "InvalidRemix"),
+    ({"source_image": b64(SOURCE), "models": ["tiny-cascade"]}, "source_processing",
+     "InvalidSourceProcessing"),
+    ({"models": ["tiny-sd15-inpainting"]}, "models", "InpaintingModelMismatch"),
+    ({"params": {"transparent": True}, "models": ["tiny-cascade"]}, "params.transparent",
+     "InvalidTransparency"),
+    ({"params": {"transparent": True}, "models": []}, "params.transparent", "InvalidTransparency"),
+    ({"params": {"transparent": True}, "source_image": b64(SOURCE)}, "params.transparent",
+     "InvalidTransparency"),
+    ({"params": {"loras": [{"name": "no-such-lora"}]}}, "params.loras[0]", "UnknownAdapter"),
+    ({"params": {"loras": [{"name": "tiny-lora-xl"}]}}, "params.loras[0]", "UnknownAdapter"),
+    ({"params": {"tis": [{"name": "tiny-ti", "inject_ti": "sideways"}]}}, "params.tis", "BadRequest"),
+    ({"params": {"loras": [{"name": "tiny-lora", "model": 6}]}}, "params.loras", "BadRequest"),
+    ({"params": {"loras": [{"name": "x"}] * 6}}, "params.loras", "BadRequest"),
+    ({"params": {"loras": [{"name": "tiny-lora"}]}, "models": ["tiny-cascade"]}, "params.loras",
+     "InvalidLoRA"),
+    ({"source_image": "data:image/gif;base64,R0lGODlhAQABAAAAACw="}, "source_image",
+     "SourceImageUnsupported"),
+])
+def test_workflow_rules_are_400s_naming_the_field(client, ctx, body, field, rc):
+    r = submit(client, **body)
+    assert r.status_code == 400, r.text
+    assert r.json()["rc"] == rc and field in r.json()["message"], r.json()
+    with ctx.db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Request)) == 0
+    assert stored_objects(ctx) == []  # a refused request leaves no source behind
+
+
+def test_prices_follow_the_horde_rules(client):
+    def price(**body) -> float:
+        r = submit(client, dry_run=True, **body)
+        assert r.status_code == 200, r.text
+        return r.json()["kudos"]
+
+    sd1 = Family.stable_diffusion_1
+    plain = dict(width=512, height=512, steps=30, n=1, family=sd1)
+    assert price() == image_cost(**plain)
+    assert price(source_image=b64(SOURCE)) == image_cost(**plain, source_image=True)
+    assert price(params={"loras": [{"name": "tiny-lora"}, {"name": "tiny-lora-2"}],
+                         "tis": [{"name": "tiny-ti"}]}) == image_cost(**plain, loras=2, tis=True)
+    # The hires fix pays for its first pass too (native size, the request's steps).
+    hires = dict(plain, width=1024, height=768)
+    first = dict(plain, width=640, height=512)  # 1024x768 at shorter side 512, floored to 64
+    assert price(params={"hires_fix": True, "width": 1024, "height": 768}) == round(
+        image_cost(**hires) + image_cost(**first) - 1, 2)
+    # Where it does not run (within the native size), it costs nothing.
+    assert price(params={"hires_fix": True}) == price()
+
+
+def test_sources_are_stored_once_and_handed_to_workers_as_urls(client, ctx):
+    _, h = make_user(ctx, "painter")
+    r = submit(client, source_image=b64(SOURCE), source_processing="inpainting",
+               source_mask=b64(MASK), params={"denoising_strength": 0.6, "n": 2})
+    assert r.status_code == 202, r.text
+    rid = r.json()["id"]
+    assert stored_objects(ctx) == [f"sources/{rid}/image.png", f"sources/{rid}/mask.png"]
+    # A worker that does not paint is told why it got nothing.
+    body = pop(client, h, allow_painting=False).json()
+    assert body["ids"] == [] and body["skipped"] == {"painting": 2}
+    job = pop(client, h, allow_painting=True, amount=2).json()
+    assert len(job["ids"]) == 2 and job["source_processing"] == "inpainting"
+    assert job["payload"]["denoising_strength"] == 0.6
+    for url, original in ((job["source_image"], SOURCE), (job["source_mask"], MASK)):
+        got = client.get(url.split("127.0.0.1:8000", 1)[1])
+        assert got.status_code == 200
+        image = Image.open(io.BytesIO(got.content))
+        assert image.format == "PNG"
+        assert image.convert(original.mode).tobytes() == original.tobytes()  # lossless
+
+
+def test_img2img_and_lora_need_their_allow_flags(client, ctx):
+    _, h = make_user(ctx, "volunteer")
+    assert submit(client, source_image=b64(SOURCE)).status_code == 202
+    assert submit(client, params={"loras": [{"name": "tiny-lora", "inject_trigger": "any"}]}
+                  ).status_code == 202
+    body = pop(client, h, allow_img2img=False, allow_lora=False).json()
+    assert body["skipped"] == {"img2img": 1, "lora": 1}
+    lora_job = pop(client, h, allow_img2img=False, allow_lora=True).json()
+    assert lora_job["payload"]["loras"] == [
+        {"name": "tiny-lora", "model": 1.0, "clip": 1.0, "inject_trigger": "any", "is_version": False}]
+    img_job = pop(client, h, allow_img2img=True).json()
+    assert img_job["source_processing"] == "img2img" and img_job["source_image"]
+    assert img_job.get("source_mask") is None
+
+
+def test_inpainting_models_get_only_painting_jobs(client, ctx):
+    _, h = make_user(ctx, "inpainter")
+    assert submit(client, models=[]).status_code == 202  # any model: not an inpainting one
+    body = pop(client, h, models=["tiny-sd15-inpainting"], allow_painting=True).json()
+    assert body["ids"] == [] and body["skipped"] == {"models": 1}
+    r = submit(client, models=["tiny-sd15-inpainting"], source_image=b64(PADDED),
+               source_processing="outpainting")  # the mask is the source's transparency
+    assert r.status_code == 202, r.text
+    job = pop(client, h, models=["tiny-sd15-inpainting"], allow_painting=True).json()
+    assert job["model"] == "tiny-sd15-inpainting" and job["source_processing"] == "outpainting"
+    assert job.get("source_mask") is None
+
+
+class _Images(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        body = png(SOURCE)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def image_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/source.png"
+    server.shutdown()
+    server.server_close()
+
+
+def test_url_sources_are_fetched_but_never_from_private_addresses(db, tmp_path, image_server):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    with TestClient(create_app(make_ctx(db, tmp_path))) as client:
+        r = submit(client, source_image=image_server)
+        assert r.status_code == 400 and r.json()["rc"] == "SourceUrlRefused"
+        assert "source_image" in r.json()["message"]
+    ctx = make_ctx(db, tmp_path, allow_private_source_urls=True)
+    with TestClient(create_app(ctx)) as client:
+        r = submit(client, source_image=image_server)
+        assert r.status_code == 202, r.text
+        stored = ctx.storage.get(f"sources/{r.json()['id']}/image.png")
+        assert Image.open(io.BytesIO(stored)).tobytes() == SOURCE.tobytes()
