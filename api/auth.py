@@ -14,8 +14,11 @@ def hash_api_key(key: str, salt: str) -> str:
 
 
 def new_api_key() -> str:
-    # 22 characters, like the AI Horde's own keys.
-    return secrets.token_urlsafe(16)
+    """22 characters, like the AI Horde's own keys. Never starting with "-": volunteers pass
+    keys on command lines (`rayhorde join --api-key KEY`), where one would read as an option."""
+    while (key := secrets.token_urlsafe(16)).startswith("-"):
+        pass
+    return key
 
 
 def node_key_digest(key: str) -> str:

@@ -168,7 +168,7 @@ def pop_image(ctx: Context, user: User, body: ImagePopInput) -> ImagePopResponse
             mask = ctx.storage.url(first.source_mask_key)
     return ImagePopResponse(
         payload=payload, ids=ids, id=ids[0], model=first.model, shared=first.shared,
-        source_processing=first.source_processing or "img2img", source_image=source,
+        source_processing=first.source_processing or "txt2img", source_image=source,
         source_mask=mask, r2_upload=uploads[0], r2_uploads=uploads, ttl=first.ttl,
         skipped={}, messages=messages,
     )

@@ -85,7 +85,7 @@ def hires_second_pass_steps(steps: int, denoise: float, width: int, height: int,
 def choose_workflow(family: Family, *, width: int, height: int, source_processing: str | None,
                     has_source: bool, hires_fix: bool, transparent: bool) -> Workflow:
     """The one workflow a request's jobs run. The API has refused the combinations that no
-    workflow runs (api/image_rules.py) before this is asked."""
+    workflow runs (api/image_workflows.py) before this is asked."""
     if transparent:
         return Workflow.transparent
     painting = has_source and source_processing in ("inpainting", "outpainting")

@@ -166,7 +166,8 @@ class Request(Base):
     # image came with the request; the source and mask as stored once (object storage keys),
     # so every attempt, on any worker, reads the same bytes.
     source_processing: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    source_image_key: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    # Indexed: the sweep that deletes the sources of ended requests reads the few set ones.
+    source_image_key: Mapped[str | None] = mapped_column(String(300), nullable=True, index=True)
     source_mask_key: Mapped[str | None] = mapped_column(String(300), nullable=True)
 
 

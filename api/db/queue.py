@@ -327,6 +327,26 @@ def fault(db: Database, claims: list[tuple[str, str]], reason: str) -> int:
         return len(faulted)
 
 
+def ended_sources(db: Database, limit: int = 100) -> list[tuple[str, str, str | None]]:
+    """(request id, source key, mask key) of requests that still hold a stored source image
+    but have nothing left to generate (done, faulted or cancelled): their sources can go.
+    Reads ix_requests_source_image_key, which only such recent requests have set."""
+    live = select(G.c.id).where(G.c.request_id == R.c.id,
+                                G.c.state.in_(("waiting", "processing"))).exists()
+    with db.read() as session:
+        return [tuple(r) for r in session.execute(
+            select(R.c.id, R.c.source_image_key, R.c.source_mask_key)
+            .where(R.c.source_image_key.is_not(None), ~live).limit(limit))]
+
+
+def forget_sources(db: Database, request_ids: list[str]) -> None:
+    """Clear the source keys of requests whose source objects were deleted."""
+    if request_ids:
+        with db.write() as session:
+            session.execute(update(R).where(R.c.id.in_(request_ids))
+                            .values(source_image_key=None, source_mask_key=None))
+
+
 def _drop_entries_of_ended(session, gen_ids: list[str]) -> None:
     if gen_ids:
         ended = select(G.c.id).where(G.c.id.in_(gen_ids), G.c.state != "waiting",

@@ -26,3 +26,11 @@ def test_users_create_prints_a_working_key(db, client, tmp_path):
         assert key not in stored.api_key_hash and len(stored.api_key_hash) == 64
     me = client.get("/api/v2/find_user", headers={"apikey": key}).json()
     assert me["username"] == f"bob#{stored.id}"
+
+
+def test_new_api_keys_never_look_like_command_line_options():
+    from api.auth import new_api_key
+
+    keys = [new_api_key() for _ in range(3000)]  # 1 in 64 would start with "-" by chance
+    assert len(set(keys)) == 3000 and all(len(k) == 22 for k in keys)
+    assert not [k for k in keys if k.startswith("-")]

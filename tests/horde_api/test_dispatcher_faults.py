@@ -71,3 +71,26 @@ def test_a_crash_goes_back_to_the_queue(client, ctx):
 def _request_of(ctx, gid) -> str:
     with ctx.db.read() as s:
         return s.get(Generation, gid).request_id
+
+
+def test_sources_are_deleted_once_their_request_has_nothing_left_to_do(client, ctx):
+    from test_image_workflows_api import SOURCE, b64, stored_objects
+
+    d = dispatcher_over(ctx)
+    d.storage = ctx.storage
+    r = submit(client, source_image=b64(SOURCE), params={"n": 2})
+    assert r.status_code == 202, r.text
+    rid = r.json()["id"]
+    d._delete_ended_sources()  # both still waiting: kept
+    assert stored_objects(ctx) == [f"sources/{rid}/image.png"]
+    claims, gid = claim_one(ctx)
+    asyncio.run(d._failed(None, claims, JobRejected("bad")))
+    d._delete_ended_sources()  # one faulted, one still waiting: kept
+    assert stored_objects(ctx) == [f"sources/{rid}/image.png"]
+    assert client.delete(f"/api/v2/generate/status/{rid}").status_code == 200
+    d._delete_ended_sources()  # cancelled: nothing left to generate
+    assert stored_objects(ctx) == []
+    with ctx.db.read() as s:
+        from api.db.models import Request
+
+        assert s.get(Request, rid).source_image_key is None

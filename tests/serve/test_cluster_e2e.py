@@ -171,7 +171,7 @@ def test_cluster_replicas_are_trusted_workers(cluster):
             if sd and sd["threads"] >= 1 and sd["online"]:
                 break
             time.sleep(1)
-        assert sd["trusted"] and sd["models"] == ["tiny-sd15"], sd
+        assert sd["trusted"] and sd["models"] == ["tiny-sd15", "tiny-sd15-inpainting"], sd
         counts = {m["name"]: m["count"] for m in http.get(f"{API}/status/models").json()}
         assert counts["tiny-sd15"] >= 1 and counts["tiny-cascade"] >= 1
         # A request may target the cluster's own worker, and it does the job.

@@ -18,10 +18,12 @@ def upgrade() -> None:
         b.add_column(sa.Column("source_processing", sa.String(16), nullable=True))
         b.add_column(sa.Column("source_image_key", sa.String(300), nullable=True))
         b.add_column(sa.Column("source_mask_key", sa.String(300), nullable=True))
+        b.create_index("ix_requests_source_image_key", ["source_image_key"])
 
 
 def downgrade() -> None:
     with op.batch_alter_table("requests") as b:
+        b.drop_index("ix_requests_source_image_key")
         b.drop_column("source_mask_key")
         b.drop_column("source_image_key")
         b.drop_column("source_processing")
