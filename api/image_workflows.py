@@ -21,20 +21,21 @@ from api.storage import Storage
 from models.adapters import AdapterCatalog
 from models.adapters import check_request as check_adapters
 from models.catalog import Catalog, Family
-from models.workflows import Workflow, choose_workflow, first_pass_size, hires_fix_applies
+from models.workflows import Workflow, choose_workflow, first_pass_size
 
 
 @dataclass(frozen=True)
 class StoredSources:
-    """What a request's source image and mask became: an id for the request (their keys name
-    it) and the stored objects' keys."""
+    """What a request's source image, mask and remix images became: an id for the request
+    (their keys name it) and the stored objects' keys (extras: [{key, strength}])."""
 
     request_id: str
     image_key: str | None = None
     mask_key: str | None = None
+    extras: tuple[dict, ...] = ()
 
     def delete(self, storage: Storage) -> None:
-        for key in (self.image_key, self.mask_key):
+        for key in (self.image_key, self.mask_key, *(e["key"] for e in self.extras)):
             if key is not None and storage.exists(key):
                 storage.delete(key)
 
@@ -46,15 +47,16 @@ def check(catalog: Catalog, adapters: AdapterCatalog, body: ImageGenerateRequest
     if body.source_mask is not None and not source:
         raise HordeError(400, "SourceMaskUnnecessary",
                          "source_mask: a mask needs a source_image to apply to")
-    if body.source_processing == "remix":
-        if family is not Family.stable_cascade:
-            raise HordeError(400, "InvalidRemix", "source_processing: remix needs a Stable Cascade model")
-        raise HordeError(400, "UnsupportedFeature",
-                         "source_processing: remix is not supported by this cluster yet")
+    remix = body.source_processing == "remix"
+    if remix and family is not Family.stable_cascade:
+        raise HordeError(400, "InvalidRemix", "source_processing: remix needs a Stable Cascade model")
     if not source and body.source_processing != "img2img":
         raise HordeError(400, "MissingSourceImage",
                          f"source_processing: {body.source_processing} needs a source_image")
-    if source and family is Family.stable_cascade:
+    if body.extra_source_images and not remix:
+        raise HordeError(400, "InvalidExtraSourceImages",
+                         "extra_source_images: only the remix workflow takes them")
+    if source and family is Family.stable_cascade and not remix:
         raise HordeError(400, "InvalidSourceProcessing",
                          f"source_processing: Stable Cascade models take source images only for "
                          f"remix, not {body.source_processing}")
@@ -80,9 +82,28 @@ def check(catalog: Catalog, adapters: AdapterCatalog, body: ImageGenerateRequest
     if (p.loras or p.tis) and family not in (Family.stable_diffusion_1, Family.stable_diffusion_xl):
         raise HordeError(400, "InvalidLoRA", "params.loras, params.tis: LoRAs and textual "
                          "inversions are for Stable Diffusion 1.5 and SDXL models")
+    if p.control_type:
+        check_controlnet(catalog, body, family)
     problems = check_adapters(adapters, p.loras, p.tis, family.value)
     if problems:
         raise HordeError(400, "UnknownAdapter", "params." + "; params.".join(problems))
+
+
+def check_controlnet(catalog: Catalog, body: ImageGenerateRequest, family: Family) -> None:
+    p = body.params
+    if body.source_image is None:
+        raise HordeError(400, "ControlNetSourceMissing",
+                         f"source_image: control_type {p.control_type} needs a source image")
+    if body.source_processing in ("inpainting", "outpainting"):
+        raise HordeError(400, "ControlNetInpaintingMismatch",
+                         f"source_processing: ControlNet does not run with {body.source_processing}")
+    if p.transparent:
+        raise HordeError(400, "InvalidTransparencyCN",
+                         "params.transparent: not with ControlNet")
+    if catalog.controlnet_for(family, p.control_type) is None:
+        raise HordeError(400, "ControlNetUnsupported",
+                         f"params.control_type: no {p.control_type} ControlNet for "
+                         f"{family.value} models on this cluster")
 
 
 def workflow(body: ImageGenerateRequest, family: Family) -> Workflow:
@@ -90,7 +111,8 @@ def workflow(body: ImageGenerateRequest, family: Family) -> Workflow:
     return choose_workflow(family, width=p.width, height=p.height,
                            source_processing=body.source_processing,
                            has_source=body.source_image is not None, hires_fix=p.hires_fix,
-                           transparent=p.transparent)
+                           transparent=p.transparent, control_type=p.control_type,
+                           workflow=p.workflow)
 
 
 def features(body: ImageGenerateRequest, family: Family) -> int:
@@ -98,6 +120,8 @@ def features(body: ImageGenerateRequest, family: Family) -> int:
     w, p, out = workflow(body, family), body.params, 0
     if body.source_image is not None:
         out |= queue.Feature.PAINTING if w.painting else queue.Feature.SOURCE_IMAGE
+    if w is Workflow.controlnet:
+        out |= queue.Feature.SDXL_CONTROLNET if family is Family.stable_diffusion_xl else queue.Feature.CONTROLNET
     if p.loras or p.tis:
         out |= queue.Feature.LORA
     return int(out)
@@ -107,7 +131,7 @@ def hires_first_pass(body: ImageGenerateRequest, family: Family) -> tuple[int, i
     """The hires fix's first-pass size, when it runs (its pixels are part of the price)."""
     p = body.params
     painting = body.source_image is not None and body.source_processing != "img2img"
-    if p.hires_fix and not p.transparent and hires_fix_applies(family, p.width, p.height, painting):
+    if workflow(body, family) is Workflow.hires_fix:
         return first_pass_size(family, p.width, p.height)
     return None
 
@@ -133,9 +157,15 @@ def store(settings: Settings, storage: Storage, body: ImageGenerateRequest) -> S
         raise HordeError(400, "InpaintingMissingMask",
                          f"source_mask: {body.source_processing} needs a source_mask or a "
                          "source_image with transparent pixels to repaint")
+    extras = [(sources.load_source(e.image, f"extra_source_images[{i}].image", lim), e.strength)
+              for i, e in enumerate(body.extra_source_images or [])]
     stored = StoredSources(request_id, f"sources/{request_id}/image.png",
-                           None if mask is None else f"sources/{request_id}/mask.png")
+                           None if mask is None else f"sources/{request_id}/mask.png",
+                           tuple({"key": f"sources/{request_id}/extra-{i}.png", "strength": s}
+                                 for i, (_, s) in enumerate(extras)))
     storage.put(stored.image_key, image.png, "image/png")
     if mask is not None:
         storage.put(stored.mask_key, mask.png, "image/png")
+    for (extra, _), entry in zip(extras, stored.extras):
+        storage.put(entry["key"], extra.png, "image/png")
     return stored

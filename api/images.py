@@ -36,6 +36,7 @@ from api.storage import Storage
 from models.adapters import AdapterCatalog
 from models.catalog import Catalog, Family
 
+EXTRA_SOURCE_TAX = 5.0  # kudos per remix image beyond the source, collected as tax
 # Counting the queue ahead of a request stops here; beyond it the position is extrapolated.
 POSITION_COUNT_CAP = 200
 DEFAULT_SECONDS_PER_IMAGE = 10.0
@@ -98,11 +99,14 @@ def price(ctx: Context, body: ImageGenerateRequest) -> float:
 
 
 def _cost(body: ImageGenerateRequest, family: Family) -> float:
-    """The AI Horde's legacy price: x1.3 with a source image, +3 per LoRA, +1 with TIs; the
-    hires fix also pays for its first pass (native size, the request's steps)."""
+    """The AI Horde's legacy price: x1.3 with a source image, x3 for ControlNet, +3 per LoRA,
+    +1 with TIs, +5 tax per remix image beyond the source; the hires fix also pays for its
+    first pass (native size, the request's steps)."""
     p = body.params
-    extras = dict(source_image=body.source_image is not None, loras=len(p.loras), tis=bool(p.tis))
+    extras = dict(source_image=body.source_image is not None, loras=len(p.loras), tis=bool(p.tis),
+                  controlnet=p.control_type is not None)
     cost = image_cost(width=p.width, height=p.height, steps=p.steps, n=p.n, family=family, **extras)
+    cost += EXTRA_SOURCE_TAX * len(body.extra_source_images or [])
     first = image_workflows.hires_first_pass(body, family)
     if first is not None:
         cost += image_cost(width=first[0], height=first[1], steps=p.steps, n=p.n, family=family,
@@ -167,6 +171,9 @@ def submit(ctx: Context, user: User, body: ImageGenerateRequest, client_agent: s
             warnings.append({"code": "EducationSFW", "message":
                              "nsfw, censor_nsfw: education accounts always get SFW images"})
         nsfw, censor_nsfw = False, True
+    if len(body.extra_source_images or []) > 1 and not user.trusted:
+        raise HordeError(403, "InvalidExtraSourceImages",
+                         "extra_source_images: more than one extra image needs a trusted user")
     admission.check_capacity(ctx, session, user, requester, p.n)
     admission.check_workers(session, body.workers)
     positive, negative = body.split_prompt()
@@ -181,6 +188,7 @@ def submit(ctx: Context, user: User, body: ImageGenerateRequest, client_agent: s
         extra_slow_workers=body.extra_slow_workers,
         source_processing=body.source_processing if body.source_image is not None else None,
         source_image_key=stored.image_key, source_mask_key=stored.mask_key,
+        extra_sources=list(stored.extras) or None,
     )
     session.add(req)
     session.flush()
@@ -191,10 +199,10 @@ def submit(ctx: Context, user: User, body: ImageGenerateRequest, client_agent: s
         target_mode=admission.target_mode(body.workers, body.worker_blacklist),
         target_workers=tuple(body.workers), features=image_workflows.features(body, family),
     )
-    tax = REQUEST_TAX / p.n
+    total_tax = REQUEST_TAX + EXTRA_SOURCE_TAX * len(body.extra_source_images or [])
     queue.enqueue(session, req, seeds_for(body), list(body.models),
                   sort_key=now - admission.head_start(ctx, user),
-                  filters=filters, reward=(kudos - REQUEST_TAX) / p.n, tax=tax)
+                  filters=filters, reward=(kudos - total_tax) / p.n, tax=total_tax / p.n)
     return req, warnings
 
 

@@ -1,7 +1,7 @@
 """AI Horde v2 wire schemas (pydantic), kept apart from the ORM models.
 
 Field names, defaults and limits are the AI Horde's (shared/horde-facts.md). Features this
-cluster does not run yet (post-processing, ControlNet, the QR-code workflow, remix, ...) are
+cluster does not run yet (post-processing, the QR-code workflow, tiling, ...) are
 accepted at their neutral values and rejected with a 400 naming the field when a request asks
 for them, rather than being silently ignored.
 """
@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from models.adapters import MAX_LORAS, MAX_TIS, LoraSpec, TiSpec
 from models.catalog import Family
+from models.workflows import ControlType
 
 SAMPLERS = (
     "k_lms", "k_heun", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a", "k_dpm_fast",
@@ -60,15 +61,16 @@ class ImageParams(_In):
     tiling: bool = False
     hires_fix: bool = False
     clip_skip: int = Field(1, ge=1, le=12)
-    control_type: str | None = None
+    control_type: ControlType | None = None
     image_is_control: bool = False
     return_control_map: bool = False
+    control_strength: float | None = Field(None, ge=0, le=5)
     facefixer_strength: float | None = Field(None, ge=0, le=1)
     loras: list[LoraSpec] = Field(default_factory=list, max_length=MAX_LORAS)
     tis: list[TiSpec] = Field(default_factory=list, max_length=MAX_TIS)
     special: dict[str, Any] = Field(default_factory=dict)
-    extra_texts: list[dict[str, Any]] = Field(default_factory=list)
-    workflow: str | None = None
+    extra_texts: list[dict[str, Any]] = Field(default_factory=list, max_length=20)
+    workflow: Literal["qr_code"] | None = None
     transparent: bool = False
     steps: int = Field(30, ge=1, le=500)
     n: int = Field(1, ge=1, le=20)
@@ -83,12 +85,17 @@ class ImageParams(_In):
 
 # (field, value that means "not asked for") for features that later workflows implement.
 NOT_YET_SUPPORTED_PARAMS = {
-    "post_processing": [], "control_type": None,
-    "workflow": None, "extra_texts": [], "tiling": False,
-    "image_is_control": False, "return_control_map": False,
+    "post_processing": [], "workflow": None, "extra_texts": [], "tiling": False,
 }
 # A source image or mask: base64 (the body limit bounds it too) or an http(s) URL.
 SourceField = Annotated[str, Field(min_length=1, max_length=24 * 1024 * 1024)]
+
+
+class ExtraSourceImage(_In):
+    """One more image prompt of a remix (Stable Cascade), with its strength."""
+
+    image: SourceField
+    strength: float = Field(1.0, ge=0, le=5)
 
 
 class ImageGenerateRequest(_In):
@@ -105,7 +112,7 @@ class ImageGenerateRequest(_In):
     source_image: SourceField | None = None
     source_processing: Literal["img2img", "inpainting", "outpainting", "remix"] = "img2img"
     source_mask: SourceField | None = None
-    extra_source_images: list[dict[str, Any]] | None = Field(None, max_length=5)
+    extra_source_images: list[ExtraSourceImage] | None = Field(None, max_length=5)
     r2: bool = True
     shared: bool = False
     replacement_filter: bool = True
@@ -121,7 +128,7 @@ class ImageGenerateRequest(_In):
         for name, neutral in NOT_YET_SUPPORTED_PARAMS.items():
             if getattr(self.params, name) != neutral:
                 raise UnsupportedField(f"params.{name}")
-        for name in ("extra_source_images", "webhook", "style"):
+        for name in ("webhook", "style"):
             if getattr(self, name):
                 raise UnsupportedField(name)
         return self

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     max_source_pixels: int = 3072 * 3072
     source_fetch_timeout_seconds: float = 10.0
     allow_private_source_urls: bool = False
+    # ControlNet annotators (models/annotators): "builtin" random-weight networks (the
+    # embedded demo) or the "published" weights (lllyasviel/Annotators and the transformers
+    # models), and the CPUs each annotator task asks Ray for.
+    annotator_weights: Literal["builtin", "published"] = "builtin"
+    annotator_num_cpus: float = Field(0.0, ge=0)
     # A generation that fails this many times ends `faulted`.
     max_attempts: int = 3
 

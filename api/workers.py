@@ -154,22 +154,30 @@ def pop_image(ctx: Context, user: User, body: ImagePopInput) -> ImagePopResponse
         "use_nsfw_censor": first.censor_nsfw, "transparent": p.get("transparent", False),
         "hires_fix_denoising_strength": p.get("hires_fix_denoising_strength"),
         "loras": p.get("loras", []), "tis": p.get("tis", []),
+        "control_type": p.get("control_type"), "image_is_control": p.get("image_is_control", False),
+        "return_control_map": p.get("return_control_map", False),
     }
+    if p.get("control_strength") is not None:
+        payload["control_strength"] = p["control_strength"]
     if first.source_image_key is not None:
         payload["denoising_strength"] = p.get("denoising_strength")
     ids = [j.generation_id for j in jobs]
     uploads = [ctx.storage.upload_url(image_key(j.request_id, j.generation_id), first.ttl + 60)
                for j in jobs]
     # The stored source and mask, as URLs the worker downloads (valid for the job's time).
-    source = mask = None
+    source = mask = extras = None
     if first.source_image_key is not None:
         source = ctx.storage.url(first.source_image_key)
         if first.source_mask_key is not None:
             mask = ctx.storage.url(first.source_mask_key)
+        if first.extra_sources:
+            extras = [{"image": ctx.storage.url(e["key"]), "strength": e["strength"]}
+                      for e in first.extra_sources]
     return ImagePopResponse(
         payload=payload, ids=ids, id=ids[0], model=first.model, shared=first.shared,
         source_processing=first.source_processing or "txt2img", source_image=source,
-        source_mask=mask, r2_upload=uploads[0], r2_uploads=uploads, ttl=first.ttl,
+        source_mask=mask, extra_source_images=extras, r2_upload=uploads[0], r2_uploads=uploads,
+        ttl=first.ttl,
         skipped={}, messages=messages,
     )
 

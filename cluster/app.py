@@ -101,7 +101,8 @@ def build(args: dict) -> Application:
     for family, entries in by_family.items():
         cfg = app_args.families.get(family, FamilyConfig())
         dumped = [e.model_dump(mode="json") for e in entries]
-        args = (dumped,) if family is Family.llm else (dumped, adapters)
+        controlnets = [c.model_dump(mode="json") for c in catalog.controlnets if c.family is family]
+        args = (dumped,) if family is Family.llm else (dumped, adapters, controlnets)
         families[family.value] = {
             "handle": classes[family].bind(*args), "entries": dumped, "args": args,
             "models": [e.name for e in entries], "max_in_flight": cfg.max_in_flight,

@@ -30,7 +30,8 @@ from api.db.session import get_database
 from api.settings import Settings
 from api.storage import make_storage
 from cluster.bridge import NODE_ID_LABEL, VolunteerBridge
-from deployments.jobs import ImageJob, JobRejected, TextJob
+from deployments import workflows
+from deployments.jobs import ImageJob, TextJob, is_rejection
 from models.catalog import Family
 
 log = logging.getLogger("ray.serve")
@@ -73,12 +74,6 @@ class FamilyRoute:
 
 def any_model_of(entries: list[dict]) -> str:
     return next((e["name"] for e in entries if not e.get("inpainting")), "")
-
-
-def is_rejection(exc: BaseException) -> bool:
-    """Whether a deployment refused the job for its input (JobRejected, which Ray re-raises
-    as a RayTaskError that is also an instance of the cause) rather than failing to run it."""
-    return isinstance(exc, JobRejected) or isinstance(getattr(exc, "cause", None), JobRejected)
 
 
 def batches(jobs: list[queue.ClaimedJob]) -> list[list[queue.ClaimedJob]]:
@@ -290,9 +285,12 @@ class Dispatcher:
         claims = [(j.generation_id, j.claim_id) for j in batch]
         try:
             job = await asyncio.to_thread(self._image_job, route, batch)
-            result = await route.handle.options(
-                multiplexed_model_id=job.model
-            ).generate.remote(job)
+            if job.workflow.graph:  # a Ray task graph (deployments/workflows/)
+                result = await workflows.run(job, route.handle, workflows.graph_options(self.settings))
+            else:
+                result = await route.handle.options(
+                    multiplexed_model_id=job.model
+                ).generate.remote(job)
             await asyncio.to_thread(self._store, route, batch, result)
             self.completed += len(batch)
         except Exception as exc:
@@ -305,8 +303,9 @@ class Dispatcher:
         """The typed job, with the source image and mask stored with the request."""
         first = batch[0]
         read = lambda key: None if key is None else self.storage.get(key)  # noqa: E731
+        extras = [{"image": read(e["key"]), "strength": e["strength"]} for e in first.extra_sources or []]
         return ImageJob.from_claim(route.family, batch, read(first.source_image_key),
-                                   read(first.source_mask_key))
+                                   read(first.source_mask_key), extras)
 
     async def _failed(self, route: FamilyRoute, claims: list[tuple[str, str]], exc: Exception) -> None:
         """A job the deployment refused for its input is faulted at once with the reason; any
@@ -369,11 +368,11 @@ class Dispatcher:
         """Source images and masks live as long as their request has work left (a retry, or a
         worker elsewhere, reads the same bytes); then they are deleted."""
         ended = queue.ended_sources(self.db)
-        for _, image_key, mask_key in ended:
-            for key in (image_key, mask_key):
-                if key is not None and self.storage.exists(key):
+        for _, keys in ended:
+            for key in keys:
+                if self.storage.exists(key):
                     self.storage.delete(key)
-        queue.forget_sources(self.db, [request_id for request_id, _, _ in ended])
+        queue.forget_sources(self.db, [request_id for request_id, _ in ended])
 
     def _store(self, route: FamilyRoute, batch: list[queue.ClaimedJob], result: dict) -> None:
         worker_id, worker_name, owner_id = self._credit(route, result.get("node_id"))

@@ -25,6 +25,7 @@ the API's signed ones) get the bytes and no headers.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import random
 import secrets
@@ -41,6 +42,8 @@ from typing import Any, TextIO
 import httpx
 
 from api import sources
+from api.settings import Settings
+from deployments import workflows
 from deployments.jobs import SEED_SPACE, ImageJob, TextJob
 from models.catalog import Catalog, Family, ModelEntry, load_catalog
 
@@ -179,12 +182,12 @@ def plan_models(config: WorkerConfig, catalog: Catalog) -> ModelPlan:
 
 # Pop payload features this worker does not run yet; such a job is submitted as faulted
 # (the pop declares allow_post_processing / allow_controlnet false, so the horde sends none).
-NOT_RUN_HERE = ("post_processing", "control_type", "workflow", "extra_texts")
+NOT_RUN_HERE = ("post_processing", "workflow", "extra_texts")
 
 
 def image_job(family: Family, model: str, payload: dict, count: int,
               source_processing: str | None = None, source_image: bytes | None = None,
-              source_mask: bytes | None = None) -> ImageJob:
+              source_mask: bytes | None = None, extra_sources: list[dict] | None = None) -> ImageJob:
     """An image pop's payload (and its downloaded source and mask) as the deployment's job
     (deployments/jobs.py). Features this worker does not run raise UnsupportedJob; a payload
     that makes no valid job raises JobRejected."""
@@ -192,7 +195,7 @@ def image_job(family: Family, model: str, payload: dict, count: int,
     if refused:
         raise UnsupportedJob(f"not run by this worker: {', '.join(refused)}")
     return ImageJob.from_pop(family, model, payload, count, source_processing, source_image,
-                             source_mask)
+                             source_mask, extra_sources)
 
 
 def warm_up_job(entry: ModelEntry) -> ImageJob:
@@ -233,6 +236,7 @@ class PoppedJob:
     source_processing: str | None = None  # image only: the source image and mask URLs
     source_image: str | None = None
     source_mask: str | None = None
+    extra_source_images: list[dict] = field(default_factory=list)  # remix: [{image: URL, strength}]
     popped_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -300,7 +304,8 @@ class HttpWorker:
     def __init__(self, config: WorkerConfig, out: TextIO | None = None):
         self.config = config
         self.out = out or sys.stdout
-        self.plan = plan_models(config, load_catalog(config.catalog_path))
+        self.catalog = load_catalog(config.catalog_path)
+        self.plan = plan_models(config, self.catalog)
         self.stats = WorkerStats()
         self.stop_requested = threading.Event()
         self.fatal_error: str | None = None
@@ -421,7 +426,9 @@ class HttpWorker:
             self.say(f"deploying {family_name} ({', '.join(e.name for e in entries)})")
             app_name = f"worker-{family_name}"
             dumped = [e.model_dump(mode="json") for e in entries]
-            args = (dumped,) if cls is LLMDeployment else (dumped, self._adapters())
+            controlnets = [c.model_dump(mode="json") for c in self.catalog.controlnets
+                           if c.family.value == family_name]
+            args = (dumped,) if cls is LLMDeployment else (dumped, self._adapters(), controlnets)
             handle = serve.run(cls.options(num_replicas=1, ray_actor_options=options).bind(*args),
                                name=app_name, route_prefix=None)
             self._serve_apps.append(app_name)
@@ -574,9 +581,10 @@ class HttpWorker:
                 "name": self.image_worker_name, "models": self.plan.image_models,
                 "max_pixels": c.max_pixels, "amount": c.max_batch, "nsfw": c.nsfw,
                 "threads": c.threads, "bridge_agent": BRIDGE_AGENT,
-                # The workflows of deployments/diffusion run here; the others are not asked for.
+                # The workflows of deployments/diffusion and deployments/workflows run here; the
+                # others are not asked for.
                 "allow_img2img": True, "allow_painting": True, "allow_post_processing": False,
-                "allow_controlnet": False, "allow_sdxl_controlnet": False, "allow_lora": True}
+                "allow_controlnet": True, "allow_sdxl_controlnet": True, "allow_lora": True}
         else:
             path, body = "/api/v2/generate/text/pop", {
                 "name": self.text_worker_name, "models": self.plan.text_models,
@@ -614,7 +622,8 @@ class HttpWorker:
                          ttl=float(answer.get("ttl") or 150),
                          source_processing=answer.get("source_processing"),
                          source_image=answer.get("source_image"),
-                         source_mask=answer.get("source_mask"))
+                         source_mask=answer.get("source_mask"),
+                         extra_source_images=list(answer.get("extra_source_images") or [])[:5])
 
     def _run(self, client: httpx.Client, job: PoppedJob) -> None:
         started = time.monotonic()
@@ -654,10 +663,17 @@ class HttpWorker:
         family = self.plan.family_of(job.model)
         source = self._download(job.source_image, "source_image")
         mask = self._download(job.source_mask, "source_mask")
+        extras = [{"image": self._download(e.get("image"), f"extra_source_images[{i}]"),
+                   "strength": e.get("strength", 1.0)} for i, e in enumerate(job.extra_source_images)]
         engine_job = image_job(family, job.model, job.payload, len(job.ids),
-                               job.source_processing if source is not None else None, source, mask)
-        result = self._generate(job.model, engine_job).result(
-            timeout_s=max(1.0, job.deadline - time.monotonic()))
+                               job.source_processing if source is not None else None, source,
+                               mask, extras)
+        timeout = max(1.0, job.deadline - time.monotonic())
+        if engine_job.workflow.graph:  # the same Ray task graph the cluster runs
+            result = asyncio.run(asyncio.wait_for(workflows.run(
+                engine_job, self.handles[job.model], workflows.graph_options(Settings())), timeout))
+        else:
+            result = self._generate(job.model, engine_job).result(timeout_s=timeout)
         submissions = []
         with httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0)) as uploader:
             for gid, url, image, seed in zip(job.ids, job.uploads, result["images"],

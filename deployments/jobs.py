@@ -24,16 +24,29 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from models.adapters import MAX_LORAS, MAX_TIS, LoraSpec, TiSpec
 from models.catalog import Family
-from models.workflows import DEFAULT_DENOISE, DEFAULT_HIRES_DENOISE, Workflow, choose_workflow
+from models.workflows import (
+    DEFAULT_DENOISE,
+    DEFAULT_HIRES_DENOISE,
+    ControlType,
+    Workflow,
+    choose_workflow,
+)
 
 SEED_SPACE = 2**32  # the horde's seed range
 MAX_PROMPT_CHARS = 50_000
+MAX_EXTRA_SOURCES = 5
 
 
 class JobRejected(ValueError):
     """A job that cannot run as given (its input, not a failure of the replica): recorded as
     `faulted` with this message at once, never retried. A ValueError, so code that checks
     input errors the usual way keeps working."""
+
+
+def is_rejection(exc: BaseException) -> bool:
+    """Whether a deployment refused the job for its input (JobRejected, which Ray re-raises
+    as a RayTaskError that is also an instance of the cause) rather than failing to run it."""
+    return isinstance(exc, JobRejected) or isinstance(getattr(exc, "cause", None), JobRejected)
 
 
 def _whole_number(value: Any) -> Any:
@@ -91,6 +104,14 @@ def _first_error(e: ValidationError) -> str:
 # ------------------------------------------------------------------------------------- images
 
 
+class ExtraSource(BaseModel):
+    """One more image prompt of a remix, with its strength (the source itself has 1)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    image: bytes = Field(max_length=64 * 1024 * 1024)
+    strength: Annotated[Number, Field(ge=0, le=5)] = 1.0
+
+
 class ImageJob(_Job):
     """One pipeline call: `len(seeds)` images of one prompt. Stable Cascade ignores
     `sampler_name`, `karras` and `clip_skip` (deployments/diffusion/cascade.py says why)."""
@@ -117,6 +138,13 @@ class ImageJob(_Job):
     # LoRAs and textual inversions, by catalog name (models/adapters.py resolves them).
     loras: tuple[LoraSpec, ...] = Field((), max_length=MAX_LORAS)
     tis: tuple[TiSpec, ...] = Field((), max_length=MAX_TIS)
+    # ControlNet: the source is annotated into a control map (or is one: image_is_control).
+    control_type: ControlType | None = None
+    image_is_control: bool = False
+    return_control_map: bool = False
+    control_strength: Annotated[Number, Field(ge=0, le=5)] = 1.0
+    # Remix: up to 5 more image prompts for Stable Cascade, each with its strength.
+    extra_source_images: tuple[ExtraSource, ...] = Field((), max_length=MAX_EXTRA_SOURCES)
 
     @model_validator(mode="after")
     def _workflow_inputs(self) -> "ImageJob":
@@ -127,25 +155,33 @@ class ImageJob(_Job):
             raise ValueError(f"source_image: the {self.workflow.value} workflow takes none")
         if self.source_mask is not None and self.source_image is None:
             raise ValueError("source_mask: given without a source_image")
+        if self.workflow in (Workflow.controlnet, Workflow.remix) and self.source_image is None:
+            raise ValueError(f"source_image: the {self.workflow.value} workflow needs one")
+        if self.workflow is Workflow.controlnet and self.control_type is None:
+            raise ValueError("control_type: the controlnet workflow needs one")
+        if self.extra_source_images and self.workflow is not Workflow.remix:
+            raise ValueError("extra_source_images: only the remix workflow takes them")
         return self
 
     @classmethod
     def from_claim(cls, family: Family, jobs: list["ClaimedImage"], source_image: bytes | None,
-                   source_mask: bytes | None) -> "ImageJob":
+                   source_mask: bytes | None, extra_sources: list[dict] | None = None) -> "ImageJob":
         """The job for claimed generations of one request (one pipeline call, a seed each).
-        The source bytes are the ones stored with the request."""
+        The source bytes are the ones stored with the request; `extra_sources` its remix
+        images ({image: bytes, strength})."""
         first, p = jobs[0], jobs[0].params
         return cls.parse({
             "model": first.model, "prompt": first.prompt, "negative_prompt": first.negative_prompt,
             **_image_params(family, p, first.source_processing, source_image is not None),
             "seeds": [j.seed for j in jobs],
             "source_image": source_image, "source_mask": source_mask,
+            "extra_source_images": extra_sources or None,
         })
 
     @classmethod
     def from_pop(cls, family: Family, model: str, payload: dict, count: int,
                  source_processing: str | None, source_image: bytes | None,
-                 source_mask: bytes | None) -> "ImageJob":
+                 source_mask: bytes | None, extra_sources: list[dict] | None = None) -> "ImageJob":
         """The job for an image pop (the AI Horde's payload): the prompt split on "###" into
         positive and negative, one seed per image counting up from the payload's seed."""
         positive, _, negative = str(payload.get("prompt") or "").partition("###")
@@ -159,6 +195,7 @@ class ImageJob(_Job):
             **_image_params(family, params, source_processing, source_image is not None),
             "seeds": [(first + i) % SEED_SPACE for i in range(count)],
             "source_image": source_image, "source_mask": source_mask,
+            "extra_source_images": extra_sources or None,
         })
 
 
@@ -168,7 +205,8 @@ def _image_params(family: Family, p: dict, source_processing: str | None, has_so
         workflow = choose_workflow(
             family, width=int(p["width"]), height=int(p["height"]),
             source_processing=source_processing, has_source=has_source,
-            hires_fix=bool(p.get("hires_fix")), transparent=bool(p.get("transparent")))
+            hires_fix=bool(p.get("hires_fix")), transparent=bool(p.get("transparent")),
+            control_type=p.get("control_type"), workflow=p.get("workflow"))
     except (KeyError, TypeError, ValueError) as e:
         raise JobRejected(f"width, height: {e!r}") from None
     return {
@@ -179,6 +217,9 @@ def _image_params(family: Family, p: dict, source_processing: str | None, has_so
         "denoising_strength": p.get("denoising_strength"),
         "hires_fix_denoising_strength": p.get("hires_fix_denoising_strength"),
         "loras": p.get("loras"), "tis": p.get("tis"),
+        "control_type": p.get("control_type"), "image_is_control": p.get("image_is_control"),
+        "return_control_map": p.get("return_control_map"),
+        "control_strength": p.get("control_strength"),
     }
 
 

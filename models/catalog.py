@@ -148,10 +148,34 @@ class ModelEntry(BaseModel):
         return self
 
 
+class ControlNetEntry(BaseModel):
+    """A ControlNet checkpoint: the family whose UNet it guides, the control types it was
+    trained for ("qr_code" for QR Code Monster), and its weights (`builtin`: a tiny one made
+    from the base model's UNet, models/tiny_controlnet.py; `pretrained`; `single_file`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    family: Family
+    control_types: list[str] = Field(min_length=1)
+    weights: WeightsSource
+
+    @model_validator(mode="after")
+    def _check(self) -> "ControlNetEntry":
+        if self.family not in (Family.stable_diffusion_1, Family.stable_diffusion_xl):
+            raise ValueError(f"{self.name}: ControlNets are for SD 1.5 and SDXL models")
+        return self
+
+
 class Catalog(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[ModelEntry]
+    controlnets: list[ControlNetEntry] = Field(default_factory=list)
+
+    def controlnet_for(self, family: Family, control_type: str) -> ControlNetEntry | None:
+        return next((c for c in self.controlnets
+                     if c.family is family and control_type in c.control_types), None)
 
     @model_validator(mode="after")
     def _unique(self) -> "Catalog":
@@ -176,7 +200,7 @@ class Catalog(BaseModel):
         missing = [n for n in names if n not in self._by_name()]
         if missing:
             raise ValueError(f"models not in the catalog: {missing}")
-        return Catalog(models=[self._by_name()[n] for n in names])
+        return Catalog(models=[self._by_name()[n] for n in names], controlnets=self.controlnets)
 
     def by_family(self) -> dict[Family, list[ModelEntry]]:
         out: dict[Family, list[ModelEntry]] = {}

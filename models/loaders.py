@@ -105,10 +105,8 @@ def _load_cascade(w: WeightsSource, dtype: torch.dtype) -> CascadePipes:
         decoder = StableCascadeUNet.from_single_file(
             w.decoder_path, config=decoder_src, subfolder="decoder", dtype=dtype
         )
-    # No image encoder: the horde sends no image prompts to stage C.
-    prior_pipe = StableCascadePriorPipeline.from_pretrained(
-        prior_src, prior=prior, image_encoder=None, feature_extractor=None, **kw
-    )
+    # The prior keeps its image encoder (CLIP vision): the remix workflow's image prompts.
+    prior_pipe = StableCascadePriorPipeline.from_pretrained(prior_src, prior=prior, **kw)
     return prior_pipe, _decoder_pipeline(decoder_src, decoder, kw)
 
 
@@ -166,3 +164,23 @@ def load_layer_diffuse_for(entry: ModelEntry, unet: torch.nn.Module, cache_dir: 
         injection_path = hf_hub_download(ld.repo, ld.injection)
         decoder_path = hf_hub_download(ld.repo, ld.decoder)
     return layer_diffuse.load_layer_diffuse(injection_path, decoder_path, family, unet)
+
+
+def load_controlnet(entry, unet: torch.nn.Module, device: str | torch.device = "cpu"):
+    """A catalog ControlNet (models/catalog.py ControlNetEntry) for a pipeline whose UNet is
+    `unet`: builtin ones are made from that UNet (models/tiny_controlnet.py); others load
+    through from_pretrained / from_single_file, in the UNet's dtype."""
+    from diffusers import ControlNetModel
+
+    w = entry.weights
+    if w.kind == "builtin":
+        from models.tiny_controlnet import BUILTIN_CONTROLNETS
+
+        if w.path not in BUILTIN_CONTROLNETS:
+            raise ValueError(f"{entry.name}: no builtin ControlNet {w.path!r}; known: {sorted(BUILTIN_CONTROLNETS)}")
+        controlnet = BUILTIN_CONTROLNETS[w.path](unet)
+    elif w.kind == "pretrained":
+        controlnet = ControlNetModel.from_pretrained(w.path, dtype=torch_dtype(w, device), variant=w.variant)
+    else:
+        controlnet = ControlNetModel.from_single_file(w.path, config=w.config, dtype=torch_dtype(w, device))
+    return controlnet.to(device=device, dtype=unet.dtype).eval()

@@ -27,7 +27,15 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel  # not exported at top level
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 MAX_TOKENS = 77  # CLIP's context length; the pipelines pad/truncate every prompt to it
 
@@ -298,8 +306,16 @@ def build_tiny_cascade(seed: int = 0) -> tuple[StableCascadePriorPipeline, Stabl
         for name, p in vqgan.named_parameters():
             if name.endswith("gammas"):
                 p.data.normal_(0.0, 0.5)
+    # Stage C's image prompt encoder (remix): a CLIP vision model with projection, like the
+    # real prior's ViT-L/14 (projecting to clip_image_in_channels), and its processor (center
+    # crop to the model's input size).
+    image_encoder = _seeded(seed + 5, lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
+        num_attention_heads=2, image_size=224, patch_size=32)))
+    feature_extractor = CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224})
     prior_pipe = StableCascadePriorPipeline(
-        prior=prior, text_encoder=text_encoder, tokenizer=tok, scheduler=DDPMWuerstchenScheduler()
+        prior=prior, text_encoder=text_encoder, tokenizer=tok, scheduler=DDPMWuerstchenScheduler(),
+        image_encoder=image_encoder, feature_extractor=feature_extractor,
     )
     decoder_pipe = StableCascadeDecoderPipeline(
         decoder=decoder,

@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import math
 from enum import Enum
+from typing import Literal
 
 from models.catalog import Family
+
+
+# The AI Horde's ControlNet control types (models/annotators makes each map).
+ControlType = Literal["canny", "hed", "depth", "normal", "openpose", "seg", "scribble",
+                      "fakescribbles", "hough"]
 
 
 class Workflow(str, Enum):
@@ -24,10 +30,19 @@ class Workflow(str, Enum):
     outpainting = "outpainting"
     hires_fix = "hires_fix"  # a first pass at the family's native size, then a second pass
     transparent = "transparent"  # Layer Diffuse: RGBA out
+    # Multi-step workflows: Ray task graphs (deployments/workflows/).
+    controlnet = "controlnet"  # annotator -> guided pass
+    remix = "remix"  # Stable Cascade: encode each image in parallel -> stage C -> stage B
+    qr_code = "qr_code"  # render layers -> split passes -> scan check
 
     @property
     def painting(self) -> bool:
         return self in (Workflow.inpainting, Workflow.outpainting)
+
+    @property
+    def graph(self) -> bool:
+        """Whether it runs as a task graph of several nodes rather than one pipeline call."""
+        return self in (Workflow.controlnet, Workflow.remix, Workflow.qr_code)
 
 
 # SDXL's training buckets around 1024x1024 (the hires fix's first pass picks the nearest aspect).
@@ -83,9 +98,16 @@ def hires_second_pass_steps(steps: int, denoise: float, width: int, height: int,
 
 
 def choose_workflow(family: Family, *, width: int, height: int, source_processing: str | None,
-                    has_source: bool, hires_fix: bool, transparent: bool) -> Workflow:
+                    has_source: bool, hires_fix: bool, transparent: bool,
+                    control_type: str | None = None, workflow: str | None = None) -> Workflow:
     """The one workflow a request's jobs run. The API has refused the combinations that no
     workflow runs (api/image_workflows.py) before this is asked."""
+    if workflow == "qr_code":
+        return Workflow.qr_code
+    if has_source and source_processing == "remix":
+        return Workflow.remix
+    if control_type:
+        return Workflow.controlnet
     if transparent:
         return Workflow.transparent
     painting = has_source and source_processing in ("inpainting", "outpainting")

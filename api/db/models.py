@@ -169,6 +169,8 @@ class Request(Base):
     # Indexed: the sweep that deletes the sources of ended requests reads the few set ones.
     source_image_key: Mapped[str | None] = mapped_column(String(300), nullable=True, index=True)
     source_mask_key: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    # Remix: the extra source images, stored like the source: [{"key": ..., "strength": ...}].
+    extra_sources: Mapped[list | None] = mapped_column(JSON, nullable=True)
 
 
 class Generation(Base):

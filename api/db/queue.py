@@ -109,6 +109,7 @@ class ClaimedJob:
     source_processing: str | None = None  # image requests with a source image
     source_image_key: str | None = None
     source_mask_key: str | None = None
+    extra_sources: list | None = None  # remix: [{key, strength}]
 
 
 @dataclass
@@ -202,7 +203,7 @@ def _any_model(caps: Capabilities) -> str | None:
 _JOB_COLUMNS = (Q.c.generation_id, Q.c.model, Q.c.sort_key, Q.c.id, G.c.seed, G.c.position,
                 G.c.attempts, G.c.kudos, R.c.id, R.c.prompt, R.c.negative_prompt, R.c.params,
                 R.c.user_id, R.c.nsfw, R.c.censor_nsfw, R.c.r2, R.c.shared, Q.c.kind,
-                R.c.source_processing, R.c.source_image_key, R.c.source_mask_key)
+                R.c.source_processing, R.c.source_image_key, R.c.source_mask_key, R.c.extra_sources)
 
 
 def claim(db: Database, caps: Capabilities, limit: int, now: float | None = None,
@@ -249,7 +250,7 @@ def claim_in(session, caps: Capabilities, limit: int, now: float,
     for row in sorted(rows, key=lambda r: (r[0], r[3], r[4])):
         (_tier, gen_id, model, _key, _qid, seed, position, attempts, kudos, request_id,
          prompt, negative, params, user_id, nsfw, censor, r2, shared, kind, source_processing,
-         source_key, mask_key) = row
+         source_key, mask_key, extra_sources) = row
         if gen_id in chosen:
             continue
         if one_request and chosen:
@@ -257,7 +258,8 @@ def claim_in(session, caps: Capabilities, limit: int, now: float,
             if request_id != first.request_id or seed != (first.seed + len(chosen)) % 2**32:
                 continue
         ttl = (TEXT_TTL if kind == "text"
-               else job_ttl(params["width"], params["height"], params["steps"]))
+               else job_ttl(params["width"], params["height"], params["steps"],
+                            controlnet=bool(params.get("control_type") or params.get("workflow"))))
         chosen[gen_id] = ClaimedJob(
             generation_id=gen_id, claim_id=str(uuid.uuid4()), request_id=request_id,
             model=any_model if model == ANY_MODEL else model, seed=seed,
@@ -265,7 +267,7 @@ def claim_in(session, caps: Capabilities, limit: int, now: float,
             deadline=now + ttl, ttl=ttl, attempts=attempts + 1, kudos=kudos,
             user_id=user_id, nsfw=nsfw, censor_nsfw=censor, r2=r2, shared=shared, kind=kind,
             source_processing=source_processing, source_image_key=source_key,
-            source_mask_key=mask_key)
+            source_mask_key=mask_key, extra_sources=extra_sources)
         if len(chosen) == limit:
             break
     jobs = list(chosen.values())
@@ -327,16 +329,18 @@ def fault(db: Database, claims: list[tuple[str, str]], reason: str) -> int:
         return len(faulted)
 
 
-def ended_sources(db: Database, limit: int = 100) -> list[tuple[str, str, str | None]]:
-    """(request id, source key, mask key) of requests that still hold a stored source image
-    but have nothing left to generate (done, faulted or cancelled): their sources can go.
-    Reads ix_requests_source_image_key, which only such recent requests have set."""
+def ended_sources(db: Database, limit: int = 100) -> list[tuple[str, list[str]]]:
+    """(request id, stored source keys) of requests that still hold a stored source image but
+    have nothing left to generate (done, faulted or cancelled): their sources can go. Reads
+    ix_requests_source_image_key, which only such recent requests have set."""
     live = select(G.c.id).where(G.c.request_id == R.c.id,
                                 G.c.state.in_(("waiting", "processing"))).exists()
     with db.read() as session:
-        return [tuple(r) for r in session.execute(
-            select(R.c.id, R.c.source_image_key, R.c.source_mask_key)
-            .where(R.c.source_image_key.is_not(None), ~live).limit(limit))]
+        rows = session.execute(
+            select(R.c.id, R.c.source_image_key, R.c.source_mask_key, R.c.extra_sources)
+            .where(R.c.source_image_key.is_not(None), ~live).limit(limit)).all()
+    return [(rid, [k for k in (image, mask, *(e["key"] for e in extras or [])) if k])
+            for rid, image, mask, extras in rows]
 
 
 def forget_sources(db: Database, request_ids: list[str]) -> None:
@@ -344,7 +348,7 @@ def forget_sources(db: Database, request_ids: list[str]) -> None:
     if request_ids:
         with db.write() as session:
             session.execute(update(R).where(R.c.id.in_(request_ids))
-                            .values(source_image_key=None, source_mask_key=None))
+                            .values(source_image_key=None, source_mask_key=None, extra_sources=None))
 
 
 def _drop_entries_of_ended(session, gen_ids: list[str]) -> None:

@@ -68,11 +68,27 @@ class PartialWuerstchenScheduler(DDPMWuerstchenScheduler):
         super().set_timesteps(timesteps=timesteps, device=device)
 
 
-def generate(pipes: CascadePipes, job: ImageJob) -> list[Image.Image]:
-    """The job's images: txt2img, or the 2-pass hires fix."""
-    if job.workflow not in (Workflow.txt2img, Workflow.hires_fix) or job.source_image is not None:
+def encode_image(pipes: CascadePipes, image: Image.Image) -> torch.Tensor:
+    """One remix image as stage C's image conditioning: the prior's CLIP vision encoder's
+    projected embedding of the image (center-cropped by its processor), [1, 1, D]."""
+    prior = pipes[0]
+    if prior.image_encoder is None or prior.feature_extractor is None:
+        raise JobRejected("source_processing: this Stable Cascade model has no image encoder for remix")
+    pixels = prior.feature_extractor(image.convert("RGB"), return_tensors="pt").pixel_values
+    p = next(prior.image_encoder.parameters())
+    with torch.inference_mode():
+        return prior.image_encoder(pixels.to(p.device, p.dtype)).image_embeds.unsqueeze(1).float().cpu()
+
+
+def generate(pipes: CascadePipes, job: ImageJob, image_embeds: torch.Tensor | None = None) -> list[Image.Image]:
+    """The job's images: txt2img, the 2-pass hires fix, or remix (with `image_embeds`: each
+    image's embedding already scaled by its strength, concatenated along the token axis)."""
+    allowed = (Workflow.txt2img, Workflow.hires_fix, Workflow.remix)
+    if job.workflow not in allowed or (job.source_image is not None and job.workflow is not Workflow.remix):
         raise JobRejected(f"source_processing: the {job.workflow.value} workflow does not run on "
                           "Stable Cascade (it takes source images only for remix)")
+    if (job.workflow is Workflow.remix) != (image_embeds is not None):
+        raise JobRejected("source_processing: remix needs its image embeddings, and only remix takes them")
     prior, decoder = pipes
     prior_steps, decoder_steps = split_steps(job.steps)
     # The same generators go through both stages: each image's noise, in both stages, comes
@@ -80,6 +96,9 @@ def generate(pipes: CascadePipes, job: ImageJob) -> list[Image.Image]:
     gens = generators(job.seeds)
     text = {"prompt": job.prompt, "negative_prompt": job.negative_prompt,
             "guidance_scale": job.cfg_scale, "num_images_per_prompt": len(job.seeds), "generator": gens}
+    if image_embeds is not None:
+        p = next(prior.prior.parameters())
+        text["image_embeds"] = image_embeds.to(p.device, p.dtype)
     width, height = pipeline_side(job.width), pipeline_side(job.height)
     if job.workflow is Workflow.hires_fix:
         w1, h1 = first_pass_size(FAMILY, job.width, job.height)

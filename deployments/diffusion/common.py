@@ -70,12 +70,12 @@ class ReplicaRunner:
     holds per-call state (its scheduler), and two calls would only split the same cores."""
 
     def __init__(self) -> None:
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()
 
     async def run(self, work: Callable[[Any, ImageJob], list[Image.Image]], pipe: Any, job: ImageJob) -> dict:
         from ray import get_runtime_context, serve  # here, so the plain generators need no Ray
 
-        async with self._lock:
+        async with self.lock:
             start = time.perf_counter()
             images = await asyncio.to_thread(work, pipe, job)
             blobs = await asyncio.to_thread(lambda: [encode_webp(im) for im in images])

@@ -20,8 +20,8 @@ from ray import serve
 from deployments.diffusion import cascade, common, sd15, sdxl, tasks
 from deployments.jobs import ImageJob, JobRejected
 from models.adapters import AdapterCatalog, AdapterError, AdapterResolver, apply_adapters
-from models.catalog import Family, ModelEntry
-from models.loaders import load_layer_diffuse_for, load_pipeline
+from models.catalog import Catalog, ControlNetEntry, Family, ModelEntry
+from models.loaders import load_controlnet, load_layer_diffuse_for, load_pipeline
 from models.workflows import Workflow
 
 FAMILY_MODULES: dict[Family, ModuleType] = {
@@ -38,8 +38,12 @@ class DiffusionGenerator:
     LoRA / TI catalog (configs/adapters.yaml); without one, jobs naming adapters are refused."""
 
     def __init__(self, family: Family, entries: list[ModelEntry] | list[dict], device: str | None = None,
-                 adapters: AdapterCatalog | dict | None = None):
+                 adapters: AdapterCatalog | dict | None = None,
+                 controlnets: list[ControlNetEntry] | list[dict] | None = None):
         self.family = family
+        self.catalog = Catalog(models=[], controlnets=[
+            c if isinstance(c, ControlNetEntry) else ControlNetEntry.model_validate(c)
+            for c in controlnets or []])
         self.module = FAMILY_MODULES[family]
         self.entries = common.family_entries(entries, family)
         self.device = device or common.device()
@@ -61,6 +65,32 @@ class DiffusionGenerator:
         prompt, negative = self._with_adapters(pipe, job)
         files = self._layer_diffuse(pipe, job.model) if job.workflow is Workflow.transparent else None
         return tasks.run(self.module, pipe, job, prompt, negative, files)
+
+    def controlled(self, pipe: Any, job: ImageJob, control: Image.Image) -> list[Image.Image]:
+        """The controlnet workflow's guided pass, from its control map."""
+        if self.family is Family.stable_cascade:
+            raise JobRejected("control_type: ControlNets are for SD 1.5 and SDXL models")
+        entry = self.catalog.controlnet_for(self.family, job.control_type)
+        if entry is None:
+            raise JobRejected(f"control_type: no {job.control_type} ControlNet for "
+                              f"{self.family.value} in the catalog")
+        models = pipe.__dict__.setdefault("_horde_controlnets", {})
+        if entry.name not in models:
+            models[entry.name] = load_controlnet(entry, pipe.unet, self.device)
+        prompt, negative = self._with_adapters(pipe, job)
+        return tasks.controlnet(self.module, pipe, job, prompt, negative, entry.name,
+                                models[entry.name], control)
+
+    def remix(self, pipes: Any, job: ImageJob, embeddings: list) -> list[Image.Image]:
+        """Stage C and B with the remix images' embeddings, each scaled by its strength (the
+        source 1) and concatenated along the token axis."""
+        import torch
+
+        strengths = [1.0] + [e.strength for e in job.extra_source_images]
+        if len(embeddings) != len(strengths):
+            raise JobRejected(f"extra_source_images: {len(strengths)} images, {len(embeddings)} embeddings")
+        scaled = [torch.as_tensor(e) * s for e, s in zip(embeddings, strengths)]
+        return cascade.generate(pipes, job, image_embeds=torch.cat(scaled, dim=1))
 
     def _with_adapters(self, pipe: Any, job: ImageJob) -> tuple[str, str]:
         """Make the pipeline run with exactly the job's LoRAs and TIs (none: none); the prompts
@@ -111,12 +141,15 @@ class CascadeGenerator(DiffusionGenerator):
 
 @serve.deployment(max_ongoing_requests=2)
 class DiffusionDeployment:
-    def __init__(self, models: list[dict], adapters: dict | None = None):
+    def __init__(self, models: list[dict], adapters: dict | None = None,
+                 controlnets: list[dict] | None = None):
         """`models`: ModelEntry.model_dump() dicts, all of one family; `adapters`: the LoRA /
-        TI catalog (AdapterCatalog.model_dump())."""
+        TI catalog (AdapterCatalog.model_dump()); `controlnets`: the catalog's ControlNets of
+        the family (ControlNetEntry.model_dump())."""
         if not models:
             raise ValueError("a diffusion deployment needs at least one model")
-        self.generator = DiffusionGenerator(Family(models[0]["family"]), models, adapters=adapters)
+        self.generator = DiffusionGenerator(Family(models[0]["family"]), models, adapters=adapters,
+                                            controlnets=controlnets)
         self.runner = common.ReplicaRunner()
 
     @serve.multiplexed(max_num_models_per_replica=3)
@@ -132,6 +165,35 @@ class DiffusionDeployment:
                               f"{sorted(self.generator.entries)}")
         pipe = await self.get_pipeline(parsed.model)
         return await self.runner.run(self.generator.generate, pipe, parsed)
+
+    async def _loaded(self, job: ImageJob | dict) -> tuple[ImageJob, Any]:
+        parsed = ImageJob.parse(job)
+        common.check_model_id(parsed)
+        if parsed.model not in self.generator.entries:
+            raise JobRejected(f"model: {parsed.model!r} is not one of this deployment's models: "
+                              f"{sorted(self.generator.entries)}")
+        return parsed, await self.get_pipeline(parsed.model)
+
+    async def generate_controlled(self, job: ImageJob | dict, control: list) -> dict:
+        """The controlnet graph's guided-pass node. `control`: [the annotator node's ObjectRef
+        (PNG bytes of the map)], awaited here so the map never passes through the caller; or []
+        when the source image is the control map (image_is_control)."""
+        parsed, pipe = await self._loaded(job)
+        data = (await control[0]) if control else parsed.source_image
+        image = common.decode_source(data, "control map")
+        return await self.runner.run(lambda p, j: self.generator.controlled(p, j, image), pipe, parsed)
+
+    async def encode_image(self, model: str, image: bytes) -> Any:
+        """A remix graph's encoder node: one image's CLIP vision embedding ([1, 1, D] numpy)."""
+        _, pipes = await self._loaded({"model": model, "prompt": "", "seeds": [0]})
+        decoded = common.decode_source(image, "source_image")
+        async with self.runner.lock:
+            return (await asyncio.to_thread(cascade.encode_image, pipes, decoded)).numpy()
+
+    async def remix(self, job: ImageJob | dict, *embeddings: Any) -> dict:
+        """The remix graph's stage C + B node, from the encoder nodes' embeddings."""
+        parsed, pipes = await self._loaded(job)
+        return await self.runner.run(lambda p, j: self.generator.remix(p, j, list(embeddings)), pipes, parsed)
 
 
 def family_deployment(family: Family):

@@ -17,10 +17,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
+from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    AutoPipelineForText2Image,
+    DiffusionPipeline,
+)
 from PIL import Image
 
-from deployments.diffusion.common import base_scheduler_config, generators, source_and_mask
+from deployments.diffusion.common import base_scheduler_config, fit, generators, source_and_mask
 from deployments.jobs import ImageJob, JobRejected
 from models.samplers import make_scheduler
 from models.workflows import Workflow, first_pass_size, hires_second_pass_steps
@@ -111,6 +116,21 @@ def hires_fix(family: ModuleType, pipe: DiffusionPipeline, job: ImageJob, prompt
     d = job.hires_fix_denoising_strength
     steps = hires_second_pass_steps(job.steps, d, job.width, job.height, fam.native_side)
     return img2img(family, pipe, job, prompt, negative, latents, steps, d)
+
+
+def controlnet(family: ModuleType, pipe: DiffusionPipeline, job: ImageJob, prompt: str,
+               negative: str, name: str, model: Any, control: Image.Image) -> list[Image.Image]:
+    """txt2img guided by a ControlNet (`model`, catalog name `name`) through the control map
+    `control` at `control_strength`; the ControlNet pipeline shares the loaded components."""
+    cache = pipe.__dict__.setdefault("_horde_controlnet_pipelines", {})
+    if name not in cache:
+        task = AutoPipelineForText2Image.from_pipe(pipe, controlnet=model)
+        task.set_progress_bar_config(disable=True)
+        cache[name] = task
+    task = cache[name]
+    return task(**_common(family, task, job, prompt, negative), image=fit(control.convert("RGB"), job.width, job.height),
+                controlnet_conditioning_scale=job.control_strength, width=job.width,
+                height=job.height, num_inference_steps=job.steps).images
 
 
 def transparent(family: ModuleType, pipe: DiffusionPipeline, job: ImageJob, prompt: str,

@@ -28,6 +28,10 @@ Built annotators are cached per (control type, weights, device); building again 
 
 from __future__ import annotations
 
+import typing
+
+from models.workflows import ControlType
+
 import threading
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -48,8 +52,7 @@ from models.annotators.common import (
 __all__ = ["CONTROL_TYPES", "Annotator", "AnnotatorWeights", "WeightsMismatch",
            "build_annotator", "clear_cache", "DEFAULT_FILES"]
 
-CONTROL_TYPES = ("canny", "hed", "depth", "normal", "openpose", "seg", "scribble",
-                 "fakescribbles", "hough")
+CONTROL_TYPES = typing.get_args(ControlType)
 WEIGHTLESS = ("canny", "scribble")
 ANNOTATORS_REPO = "lllyasviel/Annotators"
 # The published file of each network in lllyasviel/Annotators.

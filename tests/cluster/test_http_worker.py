@@ -438,6 +438,51 @@ def test_worker_runs_every_image_workflow(tmp_path):
     assert diff("img2img", "img2img_other") > 3.0  # the source decides at a low strength
 
 
+@pytest.mark.timeout(400)
+def test_worker_runs_the_workflow_graphs(tmp_path):
+    """ControlNet (annotator task, guided pass) and remix (encoder nodes, stage C + B) run as
+    the same Ray graphs on the volunteer's own Ray as on the cluster."""
+    api = ApiServer(tmp_path, served_models=["tiny-sd15", "tiny-cascade"])
+    api.start()
+    try:
+        _, key = api.create_user("grapher")
+        squares = Image.fromarray((np.indices((64, 64)).sum(axis=0) // 16 % 2 * 255).astype(np.uint8))
+
+        def queue(models, **body) -> str:
+            params = {"width": 64, "height": 64, "steps": 4, "seed": "42", **body.pop("params", {})}
+            r = httpx.post(f"{api.url}/api/v2/generate/async", headers=ANON, json={
+                "prompt": "a lighthouse", "models": models, "params": params, **body})
+            assert r.status_code == 202, r.text
+            return r.json()["id"]
+
+        ids = {
+            "map": queue(["tiny-sd15"], source_image=_png_b64(squares.convert("RGB")),
+                         params={"control_type": "canny", "return_control_map": True}),
+            "guided": queue(["tiny-sd15"], source_image=_png_b64(squares.convert("RGB")),
+                            params={"control_type": "canny"}),
+            "remix": queue(["tiny-cascade"], source_image=_png_b64(squares.convert("RGB")),
+                           source_processing="remix", params={"width": 128, "height": 128},
+                           extra_source_images=[{"image": _png_b64(Image.new("RGB", (64, 64), (9, 99, 199))),
+                                                 "strength": 2.0}]),
+        }
+        config = worker_config(api, key, ["tiny-sd15", "tiny-cascade"], name="graph-box")
+        with running_worker(config):
+            wait_until(lambda: all(image_status(api, rid)["done"] for rid in ids.values()),
+                       timeout=300, what="every graph done")
+        images = {}
+        for name, rid in ids.items():
+            (g,) = image_status(api, rid)["generations"]
+            assert g["worker_name"] == "graph-box" and g["state"] == "ok", (name, g)
+            images[name] = Image.open(io.BytesIO(httpx.get(g["img"]).content))
+    finally:
+        api.stop()
+    import cv2
+
+    expected = cv2.Canny(np.asarray(squares), 100, 200) > 127
+    assert np.array_equal(np.asarray(images["map"].convert("L")) > 127, expected)
+    assert images["guided"].size == (64, 64) and images["remix"].size == (128, 128)
+
+
 @pytest.mark.timeout(240)
 def test_worker_survives_the_api_restarting(api, tmp_path):
     """The worker (its own process, with its own Ray) keeps running while the API stops and

@@ -184,3 +184,67 @@ def test_url_sources_are_fetched_but_never_from_private_addresses(db, tmp_path, 
         assert r.status_code == 202, r.text
         stored = ctx.storage.get(f"sources/{r.json()['id']}/image.png")
         assert Image.open(io.BytesIO(stored)).tobytes() == SOURCE.tobytes()
+
+
+@pytest.mark.parametrize("body, field, rc", [
+    ({"params": {"control_type": "canny"}}, "source_image", "ControlNetSourceMissing"),
+    ({"params": {"control_type": "canny"}, "source_image": b64(PADDED), "source_processing": "inpainting"},
+     "source_processing", "ControlNetInpaintingMismatch"),
+    ({"params": {"control_type": "canny", "transparent": True}, "source_image": b64(SOURCE)},
+     "params.transparent", "InvalidTransparency"),
+    ({"params": {"control_type": "sketchy"}, "source_image": b64(SOURCE)}, "params.control_type", "BadRequest"),
+    ({"params": {"control_type": "canny", "control_strength": 9}, "source_image": b64(SOURCE)},
+     "params.control_strength", "BadRequest"),
+    ({"extra_source_images": [{"image": b64(SOURCE)}], "source_image": b64(SOURCE)},
+     "extra_source_images", "InvalidExtraSourceImages"),
+    ({"extra_source_images": [{"image": b64(SOURCE), "strength": 6}], "source_image": b64(SOURCE),
+      "source_processing": "remix", "models": ["tiny-cascade"]}, "extra_source_images", "BadRequest"),
+    ({"extra_source_images": [{"image": b64(SOURCE)}] * 6, "source_image": b64(SOURCE),
+      "source_processing": "remix", "models": ["tiny-cascade"]}, "extra_source_images", "BadRequest"),
+    ({"extra_source_images": [{"image": b64(SOURCE)}] * 2, "source_image": b64(SOURCE),
+      "source_processing": "remix", "models": ["tiny-cascade"]}, "extra_source_images",
+     "InvalidExtraSourceImages"),  # more than one extra image: trusted users only
+    ({"source_processing": "remix", "models": ["tiny-cascade"]}, "source_processing", "MissingSourceImage"),
+])
+def test_controlnet_and_remix_rules(client, ctx, body, field, rc):
+    r = submit(client, **body)
+    assert r.status_code in (400, 403), r.text
+    assert r.json()["rc"] == rc and field in r.json()["message"], r.json()
+    with ctx.db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Request)) == 0
+    assert stored_objects(ctx) == []
+
+
+def test_controlnet_and_remix_prices_pop_payloads_and_filters(client, ctx):
+    from api.images import EXTRA_SOURCE_TAX
+
+    _, h = make_user(ctx, "graph-runner")
+    _, trusted_h = make_user(ctx, "trusted", trusted=True)
+    sd1, cascade = Family.stable_diffusion_1, Family.stable_cascade
+    cn = {"params": {"control_type": "hed", "control_strength": 0.7, "return_control_map": True},
+          "source_image": b64(SOURCE)}
+    price = submit(client, dry_run=True, **cn).json()["kudos"]
+    assert price == image_cost(width=512, height=512, steps=30, n=1, family=sd1, controlnet=True,
+                               source_image=True)
+    remix = {"source_image": b64(SOURCE), "source_processing": "remix", "models": ["tiny-cascade"],
+             "extra_source_images": [{"image": b64(PADDED), "strength": 2.5}, {"image": b64(MASK)}]}
+    assert submit(client, trusted_h, dry_run=True, **remix).json()["kudos"] == round(
+        image_cost(width=512, height=512, steps=30, n=1, family=cascade, source_image=True)
+        + 2 * EXTRA_SOURCE_TAX, 2)
+    assert submit(client, **cn).status_code == 202
+    r = submit(client, trusted_h, **remix)
+    assert r.status_code == 202, r.text
+    assert len(stored_objects(ctx)) == 4  # the ControlNet source; the remix source and 2 extras
+    # Workers that do not run ControlNet are told so; the TTL doubles for ControlNet.
+    body = pop(client, h, allow_controlnet=False).json()
+    assert body["skipped"] == {"controlnet": 1, "models": 1}  # and the remix is for Cascade
+    job = pop(client, h, allow_controlnet=True).json()
+    p = job["payload"]
+    assert (p["control_type"], p["control_strength"], p["return_control_map"]) == ("hed", 0.7, True)
+    assert job["ttl"] == 2 * 150
+    rjob = pop(client, h, models=["tiny-cascade"]).json()
+    assert rjob["source_processing"] == "remix"
+    extras = rjob["extra_source_images"]
+    assert [e["strength"] for e in extras] == [2.5, 1.0]
+    got = client.get(extras[0]["image"].split("127.0.0.1:8000", 1)[1])
+    assert Image.open(io.BytesIO(got.content)).convert("RGBA").tobytes() == PADDED.tobytes()

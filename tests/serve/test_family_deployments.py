@@ -104,7 +104,7 @@ def test_refused_jobs_arrive_as_job_rejected(handle):
     """What the dispatcher faults at once without retrying: a job the deployment refuses for
     its input comes back through Serve as JobRejected (Ray's error is also the cause's type);
     anything else does not."""
-    from cluster.dispatcher import is_rejection
+    from deployments.jobs import is_rejection
     from deployments.jobs import JobRejected
 
     with pytest.raises(JobRejected, match="source_image") as refused:
