@@ -84,6 +84,10 @@ def check(catalog: Catalog, adapters: AdapterCatalog, body: ImageGenerateRequest
                          "inversions are for Stable Diffusion 1.5 and SDXL models")
     if p.control_type:
         check_controlnet(catalog, body, family)
+    if p.workflow == "qr_code":
+        check_qr_code(catalog, body, family)
+    elif p.extra_texts:
+        raise HordeError(400, "InvalidExtraTexts", "params.extra_texts: only with params.workflow qr_code")
     problems = check_adapters(adapters, p.loras, p.tis, family.value)
     if problems:
         raise HordeError(400, "UnknownAdapter", "params." + "; params.".join(problems))
@@ -106,6 +110,31 @@ def check_controlnet(catalog: Catalog, body: ImageGenerateRequest, family: Famil
                          f"{family.value} models on this cluster")
 
 
+def check_qr_code(catalog: Catalog, body: ImageGenerateRequest, family: Family) -> None:
+    """The AI Horde's QR rules, and one of ours: a code too large for the image is refused
+    naming extra_texts (the AI Horde silently draws a text instead)."""
+    from models.qr import QrRequest, QrRequestError, render_layers
+
+    p = body.params
+    if family not in (Family.stable_diffusion_1, Family.stable_diffusion_xl):
+        raise HordeError(400, "InvalidWorkflow", "params.workflow: qr_code runs on SD 1.5 and SDXL models")
+    if not p.extra_texts:
+        raise HordeError(400, "MissingExtraTexts",
+                         "params.extra_texts: the qr_code workflow needs the qr_code reference")
+    for field, given in (("source_image", body.source_image is not None), ("params.control_type", p.control_type),
+                         ("params.transparent", p.transparent), ("params.hires_fix", p.hires_fix)):
+        if given:
+            raise HordeError(400, "InvalidWorkflow", f"{field}: not with the qr_code workflow")
+    if catalog.controlnet_for(family, "qr_code") is None:
+        raise HordeError(400, "ControlNetUnsupported",
+                         f"params.workflow: no QR code ControlNet for {family.value} models on this cluster")
+    try:
+        render_layers(QrRequest.from_extra_texts([t.model_dump() for t in p.extra_texts], body.prompt),
+                      p.width, p.height)
+    except QrRequestError as e:
+        raise HordeError(400, "InvalidExtraTexts", f"params.{e}") from None
+
+
 def workflow(body: ImageGenerateRequest, family: Family) -> Workflow:
     p = body.params
     return choose_workflow(family, width=p.width, height=p.height,
@@ -120,7 +149,7 @@ def features(body: ImageGenerateRequest, family: Family) -> int:
     w, p, out = workflow(body, family), body.params, 0
     if body.source_image is not None:
         out |= queue.Feature.PAINTING if w.painting else queue.Feature.SOURCE_IMAGE
-    if w is Workflow.controlnet:
+    if w in (Workflow.controlnet, Workflow.qr_code):
         out |= queue.Feature.SDXL_CONTROLNET if family is Family.stable_diffusion_xl else queue.Feature.CONTROLNET
     if p.loras or p.tis:
         out |= queue.Feature.LORA

@@ -47,6 +47,13 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class ExtraText(_In):
+    """The AI Horde's extra_texts entry (the qr_code workflow's settings by reference)."""
+
+    text: str = Field(max_length=2000)
+    reference: str = Field(min_length=1, max_length=64)
+
+
 class ImageParams(_In):
     sampler_name: SamplerName = "k_euler_a"
     cfg_scale: float = Field(5.0, ge=0, le=100)
@@ -69,7 +76,7 @@ class ImageParams(_In):
     loras: list[LoraSpec] = Field(default_factory=list, max_length=MAX_LORAS)
     tis: list[TiSpec] = Field(default_factory=list, max_length=MAX_TIS)
     special: dict[str, Any] = Field(default_factory=dict)
-    extra_texts: list[dict[str, Any]] = Field(default_factory=list, max_length=20)
+    extra_texts: list[ExtraText] = Field(default_factory=list, max_length=20)
     workflow: Literal["qr_code"] | None = None
     transparent: bool = False
     steps: int = Field(30, ge=1, le=500)
@@ -85,7 +92,7 @@ class ImageParams(_In):
 
 # (field, value that means "not asked for") for features that later workflows implement.
 NOT_YET_SUPPORTED_PARAMS = {
-    "post_processing": [], "workflow": None, "extra_texts": [], "tiling": False,
+    "post_processing": [], "tiling": False,
 }
 # A source image or mask: base64 (the body limit bounds it too) or an http(s) URL.
 SourceField = Annotated[str, Field(min_length=1, max_length=24 * 1024 * 1024)]

@@ -159,6 +159,8 @@ def pop_image(ctx: Context, user: User, body: ImagePopInput) -> ImagePopResponse
     }
     if p.get("control_strength") is not None:
         payload["control_strength"] = p["control_strength"]
+    if p.get("workflow"):
+        payload.update(workflow=p["workflow"], extra_texts=p.get("extra_texts") or [])
     if first.source_image_key is not None:
         payload["denoising_strength"] = p.get("denoising_strength")
     ids = [j.generation_id for j in jobs]

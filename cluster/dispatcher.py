@@ -285,8 +285,10 @@ class Dispatcher:
         claims = [(j.generation_id, j.claim_id) for j in batch]
         try:
             job = await asyncio.to_thread(self._image_job, route, batch)
-            if job.workflow.graph:  # a Ray task graph (deployments/workflows/)
-                result = await workflows.run(job, route.handle, workflows.graph_options(self.settings))
+            if job.workflow.graph:  # a Ray task graph (deployments/workflows/), within the TTL
+                result = await asyncio.wait_for(
+                    workflows.run(job, route.handle, workflows.graph_options(self.settings)),
+                    timeout=batch[0].ttl)
             else:
                 result = await route.handle.options(
                     multiplexed_model_id=job.model
@@ -377,12 +379,13 @@ class Dispatcher:
     def _store(self, route: FamilyRoute, batch: list[queue.ClaimedJob], result: dict) -> None:
         worker_id, worker_name, owner_id = self._credit(route, result.get("node_id"))
         results = []
-        for job, image, seed in zip(batch, result["images"], result["seeds"], strict=True):
+        metadata = result.get("metadata") or [[] for _ in batch]  # the graphs' notes per image
+        for job, image, seed, notes in zip(batch, result["images"], result["seeds"], metadata, strict=True):
             key = f"images/{job.request_id}/{job.generation_id}.webp"
             self.storage.put(key, image, "image/webp")
             results.append(queue.Result(
                 generation_id=job.generation_id, claim_id=job.claim_id, storage_key=key,
                 seed=seed, worker_id=worker_id, worker_name=worker_name,
-                owner_id=owner_id, gen_metadata=[],
+                owner_id=owner_id, gen_metadata=notes,
             ))
         queue.finish(self.db, results)

@@ -182,7 +182,7 @@ def plan_models(config: WorkerConfig, catalog: Catalog) -> ModelPlan:
 
 # Pop payload features this worker does not run yet; such a job is submitted as faulted
 # (the pop declares allow_post_processing / allow_controlnet false, so the horde sends none).
-NOT_RUN_HERE = ("post_processing", "workflow", "extra_texts")
+NOT_RUN_HERE = ("post_processing",)
 
 
 def image_job(family: Family, model: str, payload: dict, count: int,
@@ -675,11 +675,13 @@ class HttpWorker:
         else:
             result = self._generate(job.model, engine_job).result(timeout_s=timeout)
         submissions = []
+        metadata = result.get("metadata") or [[] for _ in job.ids]  # the graphs' notes per image
         with httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0)) as uploader:
-            for gid, url, image, seed in zip(job.ids, job.uploads, result["images"],
-                                             result["seeds"], strict=True):
+            for gid, url, image, seed, notes in zip(job.ids, job.uploads, result["images"],
+                                                    result["seeds"], metadata, strict=True):
                 if self._upload(uploader, job, url, image):
-                    submissions.append((gid, {"state": "ok", "generation": "R2", "seed": seed}))
+                    submissions.append((gid, {"state": "ok", "generation": "R2", "seed": seed,
+                                              "gen_metadata": notes}))
                 else:
                     submissions.append((gid, {"state": "faulted", "generation": "Faulted",
                                               "seed": seed}))

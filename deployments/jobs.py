@@ -112,6 +112,12 @@ class ExtraSource(BaseModel):
     strength: Annotated[Number, Field(ge=0, le=5)] = 1.0
 
 
+class ExtraText(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    text: str = Field(max_length=2000)
+    reference: str = Field(min_length=1, max_length=64)
+
+
 class ImageJob(_Job):
     """One pipeline call: `len(seeds)` images of one prompt. Stable Cascade ignores
     `sampler_name`, `karras` and `clip_skip` (deployments/diffusion/cascade.py says why)."""
@@ -145,6 +151,8 @@ class ImageJob(_Job):
     control_strength: Annotated[Number, Field(ge=0, le=5)] = 1.0
     # Remix: up to 5 more image prompts for Stable Cascade, each with its strength.
     extra_source_images: tuple[ExtraSource, ...] = Field((), max_length=MAX_EXTRA_SOURCES)
+    # QR codes: the AI Horde's extra_texts ({text, reference}; models/qr.py reads them).
+    extra_texts: tuple[ExtraText, ...] = Field((), max_length=20)
 
     @model_validator(mode="after")
     def _workflow_inputs(self) -> "ImageJob":
@@ -161,6 +169,8 @@ class ImageJob(_Job):
             raise ValueError("control_type: the controlnet workflow needs one")
         if self.extra_source_images and self.workflow is not Workflow.remix:
             raise ValueError("extra_source_images: only the remix workflow takes them")
+        if (self.workflow is Workflow.qr_code) != bool(self.extra_texts):
+            raise ValueError("extra_texts: the qr_code workflow needs them, and only it takes them")
         return self
 
     @classmethod
@@ -220,6 +230,7 @@ def _image_params(family: Family, p: dict, source_processing: str | None, has_so
         "control_type": p.get("control_type"), "image_is_control": p.get("image_is_control"),
         "return_control_map": p.get("return_control_map"),
         "control_strength": p.get("control_strength"),
+        "extra_texts": p.get("extra_texts") or None,
     }
 
 

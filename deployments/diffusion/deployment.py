@@ -68,18 +68,41 @@ class DiffusionGenerator:
 
     def controlled(self, pipe: Any, job: ImageJob, control: Image.Image) -> list[Image.Image]:
         """The controlnet workflow's guided pass, from its control map."""
+        entry = self._controlnet(pipe, job.control_type)
+        prompt, negative = self._with_adapters(pipe, job)
+        return tasks.controlnet(self.module, pipe, job, prompt, negative, entry.name,
+                                pipe.__dict__["_horde_controlnets"][entry.name], control)
+
+    def qr(self, pipe: Any, job: ImageJob, layers: Any, attempt: int) -> list[Image.Image]:
+        """The qr_code workflow's split passes (deployments/diffusion/qr.py) on the catalog's
+        QR Code Monster ControlNet. A later `attempt` applies the code more strongly."""
+        from deployments.diffusion import qr as qr_passes
+        from models.qr import QrRequest, QrRequestError
+
+        entry = self._controlnet(pipe, "qr_code")
+        try:
+            request = QrRequest.from_extra_texts([t.model_dump() for t in job.extra_texts], job.prompt)
+        except QrRequestError as e:
+            raise JobRejected(str(e)) from None
+        prompt, negative = self._with_adapters(pipe, job)
+        boost = 1.0 + 0.5 * (attempt - 1)
+        return qr_passes.qr_generate(
+            self.module, pipe, pipe.__dict__["_horde_controlnets"][entry.name], job, layers,
+            request.function_layer_prompt, prompt, negative,
+            modules_scale=qr_passes.MODULES_SCALE * boost, code_scale=qr_passes.CODE_SCALE * boost)
+
+    def _controlnet(self, pipe: Any, control_type: str) -> ControlNetEntry:
+        """The catalog's ControlNet for `control_type` on this family, loaded for `pipe` once."""
         if self.family is Family.stable_cascade:
-            raise JobRejected("control_type: ControlNets are for SD 1.5 and SDXL models")
-        entry = self.catalog.controlnet_for(self.family, job.control_type)
+            raise JobRejected("params.control_type: ControlNets are for SD 1.5 and SDXL models")
+        entry = self.catalog.controlnet_for(self.family, control_type)
         if entry is None:
-            raise JobRejected(f"control_type: no {job.control_type} ControlNet for "
+            raise JobRejected(f"control_type: no {control_type} ControlNet for "
                               f"{self.family.value} in the catalog")
         models = pipe.__dict__.setdefault("_horde_controlnets", {})
         if entry.name not in models:
             models[entry.name] = load_controlnet(entry, pipe.unet, self.device)
-        prompt, negative = self._with_adapters(pipe, job)
-        return tasks.controlnet(self.module, pipe, job, prompt, negative, entry.name,
-                                models[entry.name], control)
+        return entry
 
     def remix(self, pipes: Any, job: ImageJob, embeddings: list) -> list[Image.Image]:
         """Stage C and B with the remix images' embeddings, each scaled by its strength (the
@@ -182,6 +205,16 @@ class DiffusionDeployment:
         data = (await control[0]) if control else parsed.source_image
         image = common.decode_source(data, "control map")
         return await self.runner.run(lambda p, j: self.generator.controlled(p, j, image), pipe, parsed)
+
+    async def generate_qr(self, job: ImageJob | dict, layers: list, attempt: int = 1) -> dict:
+        """The qr_code graph's passes node. `layers`: [the render node's ObjectRef
+        (models/qr.QrLayers)], awaited here; `attempt` > 1 applies the code more strongly, from
+        seeds shifted by the attempt (the reply's `seeds` say which)."""
+        parsed, pipe = await self._loaded(job)
+        rendered = await layers[0]
+        if attempt > 1:
+            parsed = parsed.model_copy(update={"seeds": tuple((s + attempt - 1) % 2**32 for s in parsed.seeds)})
+        return await self.runner.run(lambda p, j: self.generator.qr(p, j, rendered, attempt), pipe, parsed)
 
     async def encode_image(self, model: str, image: bytes) -> Any:
         """A remix graph's encoder node: one image's CLIP vision embedding ([1, 1, D] numpy)."""

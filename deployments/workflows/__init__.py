@@ -1,5 +1,5 @@
 """Multi-step image workflows as Ray task graphs, one readable file each: `controlnet.py`,
-`remix.py` (and the QR code's). `graph.py` holds what they share: running a node with retries
+`remix.py`, `qr_code.py`. `graph.py` holds what they share: running a node with retries
 on replica or node failure, its timing, and naming the node a graph failed at. `run` is what
 the dispatcher and `rayhorde worker` call for a job whose workflow is a graph."""
 
@@ -31,4 +31,8 @@ async def run(job: ImageJob, handle: Any, options: dict | None = None) -> dict:
         from deployments.workflows import remix
 
         return await remix.run(job, handle)
-    raise JobRejected(f"params.workflow: the {job.workflow.value} workflow does not run here yet")
+    if job.workflow is Workflow.qr_code:
+        from deployments.workflows import qr_code
+
+        return await qr_code.run(job, handle)
+    raise JobRejected(f"params.workflow: the {job.workflow.value} workflow does not run here")

@@ -465,6 +465,12 @@ def test_worker_runs_the_workflow_graphs(tmp_path):
                            extra_source_images=[{"image": _png_b64(Image.new("RGB", (64, 64), (9, 99, 199))),
                                                  "strength": 2.0}]),
         }
+        qr = httpx.post(f"{api.url}/api/v2/generate/async", headers=ANON, json={
+            "prompt": "a garden", "models": ["tiny-sd15"], "params": {
+                "width": 512, "height": 512, "steps": 6, "workflow": "qr_code",
+                "extra_texts": [{"reference": "qr_code", "text": "rayhorde worker"}]}})
+        assert qr.status_code == 202, qr.text
+        ids["qr"] = qr.json()["id"]
         config = worker_config(api, key, ["tiny-sd15", "tiny-cascade"], name="graph-box")
         with running_worker(config):
             wait_until(lambda: all(image_status(api, rid)["done"] for rid in ids.values()),
@@ -481,6 +487,9 @@ def test_worker_runs_the_workflow_graphs(tmp_path):
     expected = cv2.Canny(np.asarray(squares), 100, 200) > 127
     assert np.array_equal(np.asarray(images["map"].convert("L")) > 127, expected)
     assert images["guided"].size == (64, 64) and images["remix"].size == (128, 128)
+    from models.qr import decode
+
+    assert "rayhorde worker" in decode(images["qr"])  # scanned (or blended) on the worker too
 
 
 @pytest.mark.timeout(240)

@@ -248,3 +248,40 @@ def test_controlnet_and_remix_prices_pop_payloads_and_filters(client, ctx):
     assert [e["strength"] for e in extras] == [2.5, 1.0]
     got = client.get(extras[0]["image"].split("127.0.0.1:8000", 1)[1])
     assert Image.open(io.BytesIO(got.content)).convert("RGBA").tobytes() == PADDED.tobytes()
+
+
+QR = [{"reference": "qr_code", "text": "https://aihorde.net"}]
+
+
+@pytest.mark.parametrize("body, field, rc", [
+    ({"params": {"workflow": "qr_code"}}, "params.extra_texts", "MissingExtraTexts"),
+    ({"params": {"extra_texts": QR}}, "params.extra_texts", "InvalidExtraTexts"),
+    ({"params": {"workflow": "qr_code", "extra_texts": [{"reference": "protocol", "text": "https"}]}},
+     "extra_texts", "InvalidExtraTexts"),  # no qr_code reference
+    ({"params": {"workflow": "qr_code", "extra_texts": QR + [{"reference": "colour", "text": "red"}]}},
+     "extra_texts", "InvalidExtraTexts"),
+    ({"params": {"workflow": "qr_code", "width": 256, "height": 256,
+                 "extra_texts": [{"reference": "qr_code", "text": "x" * 400}]}},
+     "extra_texts", "InvalidExtraTexts"),  # too large for the image: refused, not replaced
+    ({"params": {"workflow": "qr_code", "extra_texts": QR}, "models": ["tiny-cascade"]},
+     "params.workflow", "InvalidWorkflow"),
+    ({"params": {"workflow": "qr_code", "extra_texts": QR}, "source_image": b64(SOURCE)},
+     "source_image", "InvalidWorkflow"),
+    ({"params": {"workflow": "spiral"}}, "params.workflow", "BadRequest"),
+])
+def test_qr_code_rules(client, ctx, body, field, rc):
+    r = submit(client, **body)
+    assert r.status_code == 400, r.text
+    assert r.json()["rc"] == rc and field in r.json()["message"], r.json()
+
+
+def test_qr_code_price_and_pop(client, ctx):
+    _, h = make_user(ctx, "qr-worker")
+    body = {"params": {"workflow": "qr_code", "extra_texts": QR}}
+    assert submit(client, dry_run=True, **body).json()["kudos"] == image_cost(
+        width=512, height=512, steps=30, n=1, family=Family.stable_diffusion_1, controlnet=True)
+    assert submit(client, **body).status_code == 202
+    assert pop(client, h, allow_controlnet=False).json()["skipped"] == {"controlnet": 1}
+    job = pop(client, h, allow_controlnet=True).json()
+    assert job["payload"]["workflow"] == "qr_code" and job["payload"]["extra_texts"] == QR
+    assert job["ttl"] == 300

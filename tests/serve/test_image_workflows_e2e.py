@@ -207,3 +207,32 @@ def test_remix_graph_with_extra_images(cluster):
     assert one.size == (128, 128)
     assert differs(one, same) == 0.0  # the same inputs give the same image
     assert differs(one, three) > 0.005  # more images, other results
+
+
+def test_every_qr_code_result_scans(cluster):
+    """render -> passes -> scan (-> passes again -> blend): whatever the tiny random models
+    make, each image handed back decodes to the requested text, and says how."""
+    from models.qr import decode
+
+    texts = ["https://aihorde.net", "rayhorde", "WIFI:S:horde;;"]
+    with httpx.Client(timeout=30) as http:
+        for i, text in enumerate(texts):
+            extra = [{"reference": "qr_code", "text": text},
+                     {"reference": "module_drawer", "text": ["square", "circle", "rounded"][i]}]
+            r = http.post(f"{API}/generate/async", headers=ANON, json={
+                "prompt": "a garden", "models": ["tiny-sd15"],
+                "params": {"width": 512, "height": 512, "steps": 8, "seed": str(i), "n": 2,
+                           "workflow": "qr_code", "extra_texts": extra}})
+            assert r.status_code == 202, r.text
+            rid, deadline = r.json()["id"], time.time() + 300
+            while not (chk := http.get(f"{API}/generate/check/{rid}").json())["done"]:
+                assert not chk["faulted"] and time.time() < deadline, chk
+                time.sleep(0.5)
+            st = http.get(f"{API}/generate/status/{rid}").json()
+            assert len(st["generations"]) == 2
+            for g in st["generations"]:
+                image = Image.open(io.BytesIO(http.get(g["img"]).content))
+                assert image.size == (512, 512) and text in decode(image)
+                (note,) = g["gen_metadata"]
+                assert note["type"] == "information" and note["value"] == "see_ref"
+                assert note["ref"].startswith("qr: ")
