@@ -40,6 +40,7 @@ bench: install
 	$(SERVE_ENV) $(BIN)/python bench/pop_latency.py --url $(BENCH_DB)
 	$(SERVE_ENV) $(BIN)/python bench/whole_path.py
 	$(SERVE_ENV) $(BIN)/python bench/workflows.py
+	$(SERVE_ENV) $(BIN)/python bench/workflow_graphs.py
 	$(BIN)/python bench/lora_switch.py
 	$(BIN)/python bench/llm_throughput.py
 	$(SERVE_ENV) $(BIN)/python bench/volunteer_nodes.py
