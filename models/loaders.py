@@ -166,6 +166,17 @@ def load_layer_diffuse_for(entry: ModelEntry, unet: torch.nn.Module, cache_dir: 
     return layer_diffuse.load_layer_diffuse(injection_path, decoder_path, family, unet)
 
 
+def _without_adapters(unet: torch.nn.Module) -> torch.nn.Module:
+    """The UNet as loaded, without the LoRA layers a replica may have put in it since (PEFT
+    renames the wrapped weights `*.base_layer.*`): what a ControlNet made from it must copy."""
+    names = unet.state_dict()
+    if not any("lora_" in k or ".base_layer." in k for k in names):
+        return unet
+    clean = type(unet).from_config(unet.config)
+    clean.load_state_dict({k.replace(".base_layer", ""): v for k, v in names.items() if "lora_" not in k})
+    return clean.to(next(unet.parameters()).device)
+
+
 def load_controlnet(entry, unet: torch.nn.Module, device: str | torch.device = "cpu"):
     """A catalog ControlNet (models/catalog.py ControlNetEntry) for a pipeline whose UNet is
     `unet`: builtin ones are made from that UNet (models/tiny_controlnet.py); others load
@@ -178,7 +189,7 @@ def load_controlnet(entry, unet: torch.nn.Module, device: str | torch.device = "
 
         if w.path not in BUILTIN_CONTROLNETS:
             raise ValueError(f"{entry.name}: no builtin ControlNet {w.path!r}; known: {sorted(BUILTIN_CONTROLNETS)}")
-        controlnet = BUILTIN_CONTROLNETS[w.path](unet)
+        controlnet = BUILTIN_CONTROLNETS[w.path](_without_adapters(unet))
     elif w.kind == "pretrained":
         controlnet = ControlNetModel.from_pretrained(w.path, dtype=torch_dtype(w, device), variant=w.variant)
     else:

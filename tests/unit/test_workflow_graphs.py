@@ -150,3 +150,22 @@ def test_the_guided_pass_follows_its_control_map_and_strength(sd15):
                                         [load_catalog("configs/models.yaml").get("tiny-sd15")], device="cpu")
     with pytest.raises(JobRejected, match="control_type: no canny ControlNet"):
         no_controlnets.controlled(pipe, ImageJob.parse(job), edges)
+
+
+def test_a_builtin_controlnet_after_a_lora_is_the_same(sd15):
+    """A replica that ran a LoRA job first (PEFT wraps the UNet's layers) makes the same
+    builtin ControlNet as a fresh one."""
+    from models.adapters import load_adapter_catalog
+    from models.loaders import load_controlnet
+
+    catalog = load_catalog("configs/models.yaml")
+    entry = catalog.controlnet_for(Family.stable_diffusion_1, "canny")
+    gen, pipe = sd15
+    fresh = load_controlnet(entry, pipe.unet).state_dict()
+    lora_gen = DiffusionGenerator(Family.stable_diffusion_1, [catalog.get("tiny-sd15")], device="cpu",
+                                  adapters=load_adapter_catalog("configs/adapters.yaml"))
+    lora_pipe = lora_gen.load("tiny-sd15")
+    lora_gen.generate(lora_pipe, {"model": "tiny-sd15", "prompt": "x", "seeds": [1], "width": 64,
+                                  "height": 64, "steps": 1, "loras": [{"name": "tiny-lora"}]})
+    after = load_controlnet(entry, lora_pipe.unet).state_dict()
+    assert fresh.keys() == after.keys() and all(torch.equal(fresh[k], after[k]) for k in fresh)
