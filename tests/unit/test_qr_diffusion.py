@@ -29,7 +29,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
 CONTENT = "https://aihorde.net"  # version 3 at error correction H: 29 modules
 PROMPT, FUNCTION_PROMPT = "a castle on a mountain", "a maze"
 FAMILIES = {"sd15": (sd15, build_tiny_sd15), "sdxl": (sdxl, build_tiny_sdxl)}
-SCAN_STATS: dict[str, list[bool]] = {}  # "family size" -> scanned before blending, per image
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,7 +189,6 @@ def test_qr_generate_seeds_passes_and_scanning(family, size):
     assert diff(a7, z7) > 5
     # and every result, blended as needed, decodes to the requested text
     images = [Image.fromarray(a.astype(np.uint8)) for a in (a7, a8)]
-    SCAN_STATS[f"{family} {size}"] = [scans(im, CONTENT) for im in images]
     for im, (out, strength) in zip(images, ensure_scans(images, lay, CONTENT)):
         assert decode(out) == [CONTENT]
         assert (strength == 0) == scans(im, CONTENT)
@@ -248,11 +246,3 @@ def test_refusals():
     cascade = types.SimpleNamespace(FAMILY=qrd.Family.stable_cascade)
     with pytest.raises(JobRejected, match="SD 1.5 and SDXL"):
         qr_generate(cascade, pipe, cn, job(256), layers(256), FUNCTION_PROMPT, PROMPT, "")
-
-
-def test_scan_statistics_are_recorded():
-    """Runs last in the file: how many raw results scanned before blending (printed with -s)."""
-    if not SCAN_STATS:
-        pytest.skip("the generation tests did not run")
-    for case, scanned in SCAN_STATS.items():
-        print(f"QR scan before blending, {case}: {sum(scanned)}/{len(scanned)}")
