@@ -159,7 +159,6 @@ def features(body: ImageGenerateRequest, family: Family) -> int:
 def hires_first_pass(body: ImageGenerateRequest, family: Family) -> tuple[int, int] | None:
     """The hires fix's first-pass size, when it runs (its pixels are part of the price)."""
     p = body.params
-    painting = body.source_image is not None and body.source_processing != "img2img"
     if workflow(body, family) is Workflow.hires_fix:
         return first_pass_size(family, p.width, p.height)
     return None

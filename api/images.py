@@ -12,7 +12,6 @@ import functools
 import hashlib
 import secrets
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from sqlalchemy import bindparam, case, func, select, union_all, update

@@ -18,7 +18,6 @@ unknown names into 400s cheaply. Loading adapters into a pipeline is in
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -129,3 +129,19 @@ def add_request(db: Database, *, n=1, models=("tiny-sd15",), priority=0.0, creat
                                                  **(filters or {})),
                       reward=(kudos - 1) / n, tax=1 / n)
         return req.id
+
+
+def png_bytes(image) -> bytes:
+    """A PIL image as lossless PNG bytes (what the API stores sources as)."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_b64(image) -> str:
+    """A PIL image as the base64 PNG a client sends as source_image."""
+    import base64
+
+    return base64.b64encode(png_bytes(image)).decode()

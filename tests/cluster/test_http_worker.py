@@ -379,6 +379,30 @@ def test_worker_serves_image_and_text_jobs_and_earns_kudos(api):
     assert key not in log
 
 
+def queue_workflow(api: ApiServer, models: list[str], **body) -> str:
+    """Queue an anonymous image request (64x64, 4 steps, seed 42 unless `params` says)."""
+    params = {"width": 64, "height": 64, "steps": 4, "seed": "42", **body.pop("params", {})}
+    r = httpx.post(f"{api.url}/api/v2/generate/async", headers=ANON, json={
+        "prompt": "a lighthouse", "models": models, "params": params, **body})
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def work_through(api: ApiServer, key: str, models: list[str], name: str,
+                 ids: dict[str, str]) -> dict[str, Image.Image]:
+    """Run a worker serving `models` until every request of `ids` is done; each one's image,
+    checked to come from that worker."""
+    with running_worker(worker_config(api, key, models, name=name)):
+        wait_until(lambda: all(image_status(api, rid)["done"] for rid in ids.values()),
+                   timeout=300, what="every request done")
+    images = {}
+    for label, rid in ids.items():
+        (g,) = image_status(api, rid)["generations"]
+        assert g["worker_name"] == name and g["state"] == "ok", (label, g)
+        images[label] = Image.open(io.BytesIO(httpx.get(g["img"]).content))
+    return images
+
+
 def _png_b64(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -400,11 +424,7 @@ def test_worker_runs_every_image_workflow(tmp_path):
         padded.paste(source.convert("RGBA").resize((32, 32)), (16, 16))
 
         def queue(models=("tiny-sd15",), **body) -> str:
-            params = {"width": 64, "height": 64, "steps": 4, "seed": "42", **body.pop("params", {})}
-            r = httpx.post(f"{api.url}/api/v2/generate/async", headers=ANON, json={
-                "prompt": "a lighthouse", "models": list(models), "params": params, **body})
-            assert r.status_code == 202, r.text
-            return r.json()["id"]
+            return queue_workflow(api, list(models), **body)
 
         ids = {
             "plain": queue(),
@@ -417,15 +437,7 @@ def test_worker_runs_every_image_workflow(tmp_path):
             "transparent": queue(params={"transparent": True}),
             "lora": queue(params={"loras": [{"name": "tiny-lora"}]}),
         }
-        config = worker_config(api, key, ["tiny-sd15", "tiny-sd15-inpainting"], name="painter-box")
-        with running_worker(config):
-            wait_until(lambda: all(image_status(api, rid)["done"] for rid in ids.values()),
-                       timeout=300, what="every workflow done")
-        images = {}
-        for name, rid in ids.items():
-            (g,) = image_status(api, rid)["generations"]
-            assert g["worker_name"] == "painter-box" and g["state"] == "ok", (name, g)
-            images[name] = Image.open(io.BytesIO(httpx.get(g["img"]).content))
+        images = work_through(api, key, ["tiny-sd15", "tiny-sd15-inpainting"], "painter-box", ids)
     finally:
         api.stop()
     pixels = {k: np.asarray(v.convert("RGB"), np.float32) for k, v in images.items()}
@@ -449,11 +461,7 @@ def test_worker_runs_the_workflow_graphs(tmp_path):
         squares = Image.fromarray((np.indices((64, 64)).sum(axis=0) // 16 % 2 * 255).astype(np.uint8))
 
         def queue(models, **body) -> str:
-            params = {"width": 64, "height": 64, "steps": 4, "seed": "42", **body.pop("params", {})}
-            r = httpx.post(f"{api.url}/api/v2/generate/async", headers=ANON, json={
-                "prompt": "a lighthouse", "models": models, "params": params, **body})
-            assert r.status_code == 202, r.text
-            return r.json()["id"]
+            return queue_workflow(api, models, **body)
 
         ids = {
             "map": queue(["tiny-sd15"], source_image=_png_b64(squares.convert("RGB")),
@@ -465,21 +473,10 @@ def test_worker_runs_the_workflow_graphs(tmp_path):
                            extra_source_images=[{"image": _png_b64(Image.new("RGB", (64, 64), (9, 99, 199))),
                                                  "strength": 2.0}]),
         }
-        qr = httpx.post(f"{api.url}/api/v2/generate/async", headers=ANON, json={
-            "prompt": "a garden", "models": ["tiny-sd15"], "params": {
-                "width": 512, "height": 512, "steps": 6, "workflow": "qr_code",
-                "extra_texts": [{"reference": "qr_code", "text": "rayhorde worker"}]}})
-        assert qr.status_code == 202, qr.text
-        ids["qr"] = qr.json()["id"]
-        config = worker_config(api, key, ["tiny-sd15", "tiny-cascade"], name="graph-box")
-        with running_worker(config):
-            wait_until(lambda: all(image_status(api, rid)["done"] for rid in ids.values()),
-                       timeout=300, what="every graph done")
-        images = {}
-        for name, rid in ids.items():
-            (g,) = image_status(api, rid)["generations"]
-            assert g["worker_name"] == "graph-box" and g["state"] == "ok", (name, g)
-            images[name] = Image.open(io.BytesIO(httpx.get(g["img"]).content))
+        ids["qr"] = queue(["tiny-sd15"], params={
+            "width": 512, "height": 512, "steps": 6, "workflow": "qr_code",
+            "extra_texts": [{"reference": "qr_code", "text": "rayhorde worker"}]})
+        images = work_through(api, key, ["tiny-sd15", "tiny-cascade"], "graph-box", ids)
     finally:
         api.stop()
     import cv2

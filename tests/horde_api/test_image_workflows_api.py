@@ -4,7 +4,6 @@ worker protocol hands out (pop payloads with source URLs, allow_* filters, skipp
 
 from __future__ import annotations
 
-import base64
 import io
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,21 +15,13 @@ from sqlalchemy import func, select
 from api.db.models import Request
 from api.kudos import image_cost
 from conftest import make_ctx
+from conftest import png_b64 as b64
+from conftest import png_bytes as png
 from models.catalog import Family
 from test_economy import make_user, submit
 from test_workers import pop
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def b64(image: Image.Image) -> str:
-    return base64.b64encode(png(image)).decode()
 
 
 SOURCE = Image.new("RGB", (96, 64), (200, 30, 30))

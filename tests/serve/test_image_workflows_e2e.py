@@ -6,7 +6,6 @@ without the feature), not only that the request finished."""
 
 from __future__ import annotations
 
-import base64
 import io
 import threading
 import time
@@ -18,6 +17,8 @@ import pytest
 from PIL import Image
 
 from serve_harness import running_cluster
+from conftest import png_b64 as b64
+from conftest import png_bytes as png
 from test_cluster_e2e import make_user
 
 pytestmark = [pytest.mark.serve, pytest.mark.postgres, pytest.mark.timeout(900)]
@@ -31,16 +32,6 @@ def source_image(size=(128, 128)) -> Image.Image:
     img = np.stack([x * 255 / size[0], y * 255 / size[1], np.full_like(x, 40.0)], -1)
     img[(x - size[0] / 2) ** 2 + (y - size[1] / 2) ** 2 < (size[0] / 4) ** 2] = (250, 240, 60)
     return Image.fromarray(img.astype(np.uint8))
-
-
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def b64(image: Image.Image) -> str:
-    return base64.b64encode(png(image)).decode()
 
 
 class _Source(BaseHTTPRequestHandler):
