@@ -21,6 +21,7 @@ from api.storage import Storage
 from models.adapters import AdapterCatalog
 from models.adapters import check_request as check_adapters
 from models.catalog import Catalog, Family
+from models.postprocess.registry import UPSCALERS
 from models.workflows import Workflow, choose_workflow, first_pass_size
 
 
@@ -88,6 +89,10 @@ def check(catalog: Catalog, adapters: AdapterCatalog, body: ImageGenerateRequest
         check_qr_code(catalog, body, family)
     elif p.extra_texts:
         raise HordeError(400, "InvalidExtraTexts", "params.extra_texts: only with params.workflow qr_code")
+    upscalers = [n for n in p.post_processing if n in UPSCALERS]
+    if len(upscalers) > 1:
+        raise HordeError(400, "TooManyUpscalers",
+                         f"params.post_processing: at most one upscaler, got {', '.join(upscalers)}")
     problems = check_adapters(adapters, p.loras, p.tis, family.value)
     if problems:
         raise HordeError(400, "UnknownAdapter", "params." + "; params.".join(problems))
@@ -153,6 +158,8 @@ def features(body: ImageGenerateRequest, family: Family) -> int:
         out |= queue.Feature.SDXL_CONTROLNET if family is Family.stable_diffusion_xl else queue.Feature.CONTROLNET
     if p.loras or p.tis:
         out |= queue.Feature.LORA
+    if p.post_processing:
+        out |= queue.Feature.POST_PROCESSING
     return int(out)
 
 

@@ -103,7 +103,8 @@ def _cost(body: ImageGenerateRequest, family: Family) -> float:
     first pass (native size, the request's steps)."""
     p = body.params
     extras = dict(source_image=body.source_image is not None, loras=len(p.loras), tis=bool(p.tis),
-                  controlnet=p.control_type is not None or p.workflow == "qr_code")
+                  controlnet=p.control_type is not None or p.workflow == "qr_code",
+                  post_processors=len(p.post_processing))
     cost = image_cost(width=p.width, height=p.height, steps=p.steps, n=p.n, family=family, **extras)
     cost += EXTRA_SOURCE_TAX * len(body.extra_source_images or [])
     first = image_workflows.hires_first_pass(body, family)

@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from models.adapters import MAX_LORAS, MAX_TIS, LoraSpec, TiSpec
 from models.catalog import Family
+from models.postprocess.registry import PostProcessorName
 from models.workflows import ControlType
 
 SAMPLERS = (
@@ -63,7 +64,7 @@ class ImageParams(_In):
     height: Side = 512
     width: Side = 512
     seed_variation: int | None = Field(None, ge=1, le=1000)
-    post_processing: list[str] = Field(default_factory=list)
+    post_processing: list[PostProcessorName] = Field(default_factory=list, max_length=8)
     karras: bool = True
     tiling: bool = False
     hires_fix: bool = False
@@ -91,9 +92,7 @@ class ImageParams(_In):
 
 
 # (field, value that means "not asked for") for features that later workflows implement.
-NOT_YET_SUPPORTED_PARAMS = {
-    "post_processing": [], "tiling": False,
-}
+NOT_YET_SUPPORTED_PARAMS = {"tiling": False}
 # A source image or mask: base64 (the body limit bounds it too) or an http(s) URL.
 SourceField = Annotated[str, Field(min_length=1, max_length=24 * 1024 * 1024)]
 

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     # models), and the CPUs each annotator task asks Ray for.
     annotator_weights: Literal["builtin", "published"] = "builtin"
     annotator_num_cpus: float = Field(0.0, ge=0)
+    # Post-processors (models/postprocess): "builtin" random weights of the real architectures
+    # for every one (the embedded demo), or the files the catalog's `postprocessors` name.
+    postprocessor_weights: Literal["builtin", "catalog"] = "builtin"
     # A generation that fails this many times ends `faulted`.
     max_attempts: int = 3
 

@@ -69,6 +69,18 @@ def adapter_catalog(settings: Settings) -> dict:
                               ).model_dump(mode="json")
 
 
+def postprocessors(settings: Settings, catalog) -> list[dict]:
+    """The post-processors the cluster serves: every one with builtin random weights (the
+    embedded default), or the catalog's entries (published weights the operator supplies)."""
+    from models.postprocess.registry import POST_PROCESSORS, PostProcessorEntry
+
+    if settings.postprocessor_weights == "builtin":
+        entries = [PostProcessorEntry(name=n) for n in POST_PROCESSORS]
+    else:
+        entries = catalog.postprocessors
+    return [e.model_dump(mode="json") for e in entries]
+
+
 def family_deployments():
     """Each family's Serve deployment, named as the configs name it (sd15, sdxl, cascade, llm)."""
     from deployments.diffusion.deployment import family_deployment
@@ -84,6 +96,7 @@ def family_deployments():
 def build(args: dict) -> Application:
     from api.ingress import ApiIngress
     from cluster.dispatcher import Dispatcher
+    from deployments.postprocess import PostProcessDeployment
 
     app_args = AppArgs.model_validate(args or {})
     settings = _absolute(Settings(**app_args.settings))
@@ -109,5 +122,6 @@ def build(args: dict) -> Application:
         }
     volunteers = app_args.volunteers.model_dump(mode="json")
     dispatcher = Dispatcher.bind(plain, families, poll_seconds=app_args.poll_seconds,
-                                 volunteers=volunteers)
+                                 volunteers=volunteers,
+                                 postprocess=PostProcessDeployment.bind(postprocessors(settings, catalog)))
     return ApiIngress.bind(plain, dispatcher)

@@ -31,7 +31,7 @@ from api.settings import Settings
 from api.storage import make_storage
 from cluster.bridge import NODE_ID_LABEL, VolunteerBridge
 from deployments import workflows
-from deployments.jobs import ImageJob, TextJob, is_rejection
+from deployments.jobs import ImageJob, JobRejected, TextJob, is_rejection
 from models.catalog import Family
 
 log = logging.getLogger("ray.serve")
@@ -109,11 +109,13 @@ def register_cluster_workers(db, routes: dict[str, FamilyRoute], replicas: dict[
                   ray_actor_options={"num_cpus": 0})
 class Dispatcher:
     def __init__(self, settings: dict, families: dict[str, dict], poll_seconds: float = 1.0,
-                 expire_seconds: float = 5.0, volunteers: dict | None = None):
+                 expire_seconds: float = 5.0, volunteers: dict | None = None,
+                 postprocess: object | None = None):
         """`families`: per family, the deployment's handle, its models (names and catalog
         entries) and max_in_flight. `volunteers`: {"enabled": bool, "poll_seconds": float,
         "actor_options": {family: ray_actor_options of a volunteer node's replica}}."""
         self.settings = Settings(**settings)
+        self.postprocess = postprocess  # DeploymentHandle of the post-processing deployment
         self.db = get_database(self.settings.database_url)
         self.storage = make_storage(self.settings)
         self.routes = {
@@ -293,6 +295,8 @@ class Dispatcher:
                 result = await route.handle.options(
                     multiplexed_model_id=job.model
                 ).generate.remote(job)
+            if job.post_processing:  # graph nodes after the generation, on their own deployment
+                result = await self._post_process(job, result)
             await asyncio.to_thread(self._store, route, batch, result)
             self.completed += len(batch)
         except Exception as exc:
@@ -300,6 +304,15 @@ class Dispatcher:
         finally:
             route.in_flight -= len(batch)
             self._wake.set()
+
+    async def _post_process(self, job: ImageJob, result: dict) -> dict:
+        from deployments.workflows import post_processing
+
+        if self.postprocess is None:
+            raise JobRejected("params.post_processing: this cluster runs no post-processing")
+        images, timings = await post_processing.run(result["images"], list(job.post_processing),
+                                                    job.facefixer_strength, self.postprocess)
+        return {**result, "images": images, "post_processing_timings": timings}
 
     def _image_job(self, route: FamilyRoute, batch: list[queue.ClaimedJob]) -> ImageJob:
         """The typed job, with the source image and mask stored with the request."""

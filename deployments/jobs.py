@@ -24,6 +24,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from models.adapters import MAX_LORAS, MAX_TIS, LoraSpec, TiSpec
 from models.catalog import Family
+from models.postprocess.registry import PostProcessorName
 from models.workflows import (
     DEFAULT_DENOISE,
     DEFAULT_HIRES_DENOISE,
@@ -151,6 +152,9 @@ class ImageJob(_Job):
     control_strength: Annotated[Number, Field(ge=0, le=5)] = 1.0
     # Remix: up to 5 more image prompts for Stable Cascade, each with its strength.
     extra_source_images: tuple[ExtraSource, ...] = Field((), max_length=MAX_EXTRA_SOURCES)
+    # Post-processing after the generation (models/postprocess/registry.py names and order).
+    post_processing: tuple[PostProcessorName, ...] = Field((), max_length=8)
+    facefixer_strength: Annotated[Number, Field(ge=0, le=1)] = 0.5
     # QR codes: the AI Horde's extra_texts ({text, reference}; models/qr.py reads them).
     extra_texts: tuple[ExtraText, ...] = Field((), max_length=20)
 
@@ -231,6 +235,8 @@ def _image_params(family: Family, p: dict, source_processing: str | None, has_so
         "return_control_map": p.get("return_control_map"),
         "control_strength": p.get("control_strength"),
         "extra_texts": p.get("extra_texts") or None,
+        "post_processing": p.get("post_processing") or None,
+        "facefixer_strength": p.get("facefixer_strength"),
     }
 
 

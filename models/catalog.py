@@ -14,6 +14,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models.postprocess.registry import PostProcessorEntry
+
 
 class Family(str, Enum):
     """One Serve deployment serves each family. The image families are the AI Horde's
@@ -172,6 +174,9 @@ class Catalog(BaseModel):
 
     models: list[ModelEntry]
     controlnets: list[ControlNetEntry] = Field(default_factory=list)
+    # Where the post-processors' published weights are (models/postprocess/registry.py); used
+    # when the settings say postprocessor_weights: catalog.
+    postprocessors: list[PostProcessorEntry] = Field(default_factory=list)
 
     def controlnet_for(self, family: Family, control_type: str) -> ControlNetEntry | None:
         return next((c for c in self.controlnets
@@ -200,7 +205,8 @@ class Catalog(BaseModel):
         missing = [n for n in names if n not in self._by_name()]
         if missing:
             raise ValueError(f"models not in the catalog: {missing}")
-        return Catalog(models=[self._by_name()[n] for n in names], controlnets=self.controlnets)
+        return Catalog(models=[self._by_name()[n] for n in names], controlnets=self.controlnets,
+                       postprocessors=self.postprocessors)
 
     def by_family(self) -> dict[Family, list[ModelEntry]]:
         out: dict[Family, list[ModelEntry]] = {}

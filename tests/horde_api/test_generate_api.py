@@ -125,7 +125,7 @@ def test_unknown_request_is_404(client):
     ({"source_processing": "remix", "source_image": "aGVsbG8="}, "source_processing"),
     ({"models": ["tiny-sd15-inpainting"]}, "models"),
     ({"models": ["tiny-cascade"], "source_image": "aGVsbG8="}, "source_processing"),
-    ({"params": {"post_processing": ["GFPGAN"]}}, "params.post_processing"),
+    ({"params": {"post_processing": ["Waifu2x"]}}, "params.post_processing"),
     ({"params": "not an object"}, "params"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": None}, "prompt"),

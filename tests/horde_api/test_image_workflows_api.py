@@ -276,3 +276,27 @@ def test_qr_code_price_and_pop(client, ctx):
     job = pop(client, h, allow_controlnet=True).json()
     assert job["payload"]["workflow"] == "qr_code" and job["payload"]["extra_texts"] == QR
     assert job["ttl"] == 300
+
+
+@pytest.mark.parametrize("body, field, rc", [
+    ({"params": {"post_processing": ["RealESRGAN_x4plus", "NMKD_Siax"]}}, "params.post_processing",
+     "TooManyUpscalers"),
+    ({"params": {"post_processing": ["Waifu2x"]}}, "params.post_processing", "BadRequest"),
+    ({"params": {"post_processing": ["GFPGAN", "GFPGAN"]}}, "params.post_processing", "BadRequest"),
+    ({"params": {"facefixer_strength": 1.5}}, "params.facefixer_strength", "BadRequest"),
+])
+def test_post_processing_rules(client, body, field, rc):
+    r = submit(client, **body)
+    assert r.status_code == 400, r.text
+    assert r.json()["rc"] == rc and field in r.json()["message"], r.json()
+
+
+def test_post_processing_price_and_worker_filter(client, ctx):
+    _, h = make_user(ctx, "pp-worker")
+    body = {"params": {"post_processing": ["strip_background", "GFPGAN", "RealESRGAN_x2plus"]}}
+    assert submit(client, dry_run=True, **body).json()["kudos"] == image_cost(
+        width=512, height=512, steps=30, n=1, family=Family.stable_diffusion_1, post_processors=3)
+    assert submit(client, **body).status_code == 202
+    assert pop(client, h, allow_post_processing=False).json()["skipped"] == {"post-processing": 1}
+    job = pop(client, h, allow_post_processing=True).json()
+    assert job["payload"]["post_processing"] == ["strip_background", "GFPGAN", "RealESRGAN_x2plus"]

@@ -227,3 +227,19 @@ def test_every_qr_code_result_scans(cluster):
                 (note,) = g["gen_metadata"]
                 assert note["type"] == "information" and note["value"] == "see_ref"
                 assert note["ref"].startswith("qr: ")
+
+
+def test_post_processing_nodes_after_generation(cluster):
+    """Face fixers, then the upscaler, then strip_background, on the post-processing
+    deployment (builtin random weights of the real architectures)."""
+    with httpx.Client(timeout=30) as http:
+        plain = generate(http)[0]
+        x2 = generate(http, params={"post_processing": ["RealESRGAN_x2plus"]})[0]
+        x4 = generate(http, params={"post_processing": ["4x_AnimeSharp", "GFPGAN"],
+                                    "facefixer_strength": 0.8})[0]
+        cut = generate(http, params={"post_processing": ["strip_background", "RealESRGAN_x4plus"], "n": 2})
+    assert plain.size == (128, 128) and x2.size == (256, 256) and x4.size == (512, 512)
+    assert x2.mode == "RGB" and differs(x2.resize((128, 128)), plain) > 1.0
+    # strip_background runs last whatever the order asked: RGBA at the upscaled size.
+    assert [(im.size, im.mode) for im in cut] == [((512, 512), "RGBA")] * 2
+    assert np.asarray(cut[0].getchannel("A"), np.float32).std() > 1.0
