@@ -145,3 +145,29 @@ def png_b64(image) -> str:
     import base64
 
     return base64.b64encode(png_bytes(image)).decode()
+
+
+@contextmanager
+def serving_png(data: bytes):
+    """A loopback HTTP server answering every GET with `data` (a source image's bytes); yields
+    its URL. Sources on loopback are refused unless allow_private_source_urls is set."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/source.png"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -5,8 +5,6 @@ worker protocol hands out (pop payloads with source URLs, allow_* filters, skipp
 from __future__ import annotations
 
 import io
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
@@ -14,7 +12,7 @@ from sqlalchemy import func, select
 
 from api.db.models import Request
 from api.kudos import image_cost
-from conftest import make_ctx
+from conftest import make_ctx, serving_png
 from conftest import png_b64 as b64
 from conftest import png_bytes as png
 from models.catalog import Family
@@ -138,26 +136,10 @@ def test_inpainting_models_get_only_painting_jobs(client, ctx):
     assert job.get("source_mask") is None
 
 
-class _Images(BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802
-        body = png(SOURCE)
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def image_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/source.png"
-    server.shutdown()
-    server.server_close()
+    with serving_png(png(SOURCE)) as url:
+        yield url
 
 
 def test_url_sources_are_fetched_but_never_from_private_addresses(db, tmp_path, image_server):

@@ -7,9 +7,7 @@ without the feature), not only that the request finished."""
 from __future__ import annotations
 
 import io
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
@@ -18,6 +16,7 @@ from PIL import Image
 
 from serve_harness import running_cluster
 from conftest import png_b64 as b64
+from conftest import serving_png
 from conftest import png_bytes as png
 from test_cluster_e2e import make_user
 
@@ -34,31 +33,16 @@ def source_image(size=(128, 128)) -> Image.Image:
     return Image.fromarray(img.astype(np.uint8))
 
 
-class _Source(BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802
-        body = png(source_image())
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     from api.db.migrate import reset
 
     reset(POSTGRES_URL).dispose()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Source)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     # The test's own image server is on loopback: allowed here, refused by default.
-    with running_cluster(tmp_path_factory.mktemp("workflows"), database_url=POSTGRES_URL,
-                         settings={"allow_private_source_urls": True}) as info:
-        yield {**info, "source_url": f"http://127.0.0.1:{server.server_address[1]}/source.png"}
-    server.shutdown()
-    server.server_close()
+    with serving_png(png(source_image())) as url, \
+            running_cluster(tmp_path_factory.mktemp("workflows"), database_url=POSTGRES_URL,
+                            settings={"allow_private_source_urls": True}) as info:
+        yield {**info, "source_url": url}
 
 
 def generate(http: httpx.Client, headers: dict = ANON, **body) -> list[Image.Image]:
