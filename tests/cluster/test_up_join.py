@@ -49,17 +49,25 @@ def test_up_join_and_a_dying_node(tmp_path):
             node_worker(http)))
         assert worker["models"] == ["tiny-sd15"] and worker["owner"].startswith("volunteer#")
 
-        first = submit(http, **LONG)  # the head's replica takes it
-        wait_for("the head to start", lambda: http.get(
-            f"{API}/generate/check/{first}").json()["processing"] == 1)
-        second = submit(http, **LONG)
+        # Two long jobs: one on the head's replica, one on the node's (whichever claims which).
+        jobs = [submit(http, **LONG), submit(http, **LONG)]
+
+        def holder(request_id):
+            with db.read() as s:
+                g = s.execute(select(Generation).where(Generation.request_id == request_id)).scalar_one()
+                return g.claimed_by if g.state == "processing" else None
+
+        def split_between_head_and_node():
+            held = [holder(r) for r in jobs]
+            return worker["id"] in held and any(h and h != worker["id"] for h in held) and held
+
+        held = wait_for("one job on the head and one on the node", split_between_head_and_node,
+                        every=0.05)
+        second = jobs[held.index(worker["id"])]
 
         def second_on_node():
-            with db.read() as s:
-                g = s.execute(select(Generation).where(Generation.request_id == second)).scalar_one()
-                return g.state == "processing" and g.claimed_by == worker["id"]
+            return holder(second) == worker["id"]
 
-        wait_for("the node to take the second job", second_on_node, every=0.05)
         time.sleep(0.5)  # inside the pipeline call
         with db.read() as s:
             node_id = s.get(Worker, worker["id"]).node_id

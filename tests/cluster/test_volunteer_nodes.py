@@ -62,8 +62,10 @@ def horde(tmp_path_factory):
                              args={"poll_seconds": 0.3})
         config["proxy_location"] = "Disabled"
         app = config["applications"][0]
-        app["deployments"] = [d for d in app["deployments"] if d["name"] in ("api", "dispatcher", "sd15")]
-        app["deployments"][-1]["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
+        app["deployments"] = [d for d in app["deployments"]
+                              if d["name"] in ("api", "dispatcher", "postprocess", "sd15")]
+        sd15 = next(d for d in app["deployments"] if d["name"] == "sd15")
+        sd15["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
         deploy(config)
         ctx = context_from_settings(Settings(**settings))
         with ctx.db.write() as s:
@@ -113,20 +115,29 @@ def test_volunteer_node_joins_works_and_leaves(horde):
     after = client.get("/api/v2/find_user", headers={"apikey": KEY}).json()["kudos"]
     assert after > before
 
-    # Two long jobs: the head's replica takes the first, the node's the second; the node then
-    # leaves mid-job and its job goes back to the queue at once and completes on the head.
+    # Two long jobs: one runs on the head's replica and one on the node's (whichever each
+    # claims first); the node then leaves mid-job and its job goes back to the queue at once
+    # and completes on the head.
     long = {"width": 1024, "height": 1024, "steps": 50}
-    first = submit(client, **long)
-    wait_for("the head to start the first job", lambda: client.get(
-        f"/api/v2/generate/check/{first}").json()["processing"] == 1, every=0.1)
-    second = submit(client, **long)
+    jobs = [submit(client, **long), submit(client, **long)]
+
+    def holder(request_id):
+        with ctx.db.read() as s:
+            g = s.execute(select(Generation).where(Generation.request_id == request_id)).scalar_one()
+            return g.claimed_by if g.state == "processing" else None
+
+    def split_between_head_and_node():
+        held = [holder(r) for r in jobs]
+        return worker["id"] in held and any(h and h != worker["id"] for h in held) and held
+
+    held = wait_for("one job on the head and one on the node", split_between_head_and_node,
+                    every=0.1)
+    second = jobs[held.index(worker["id"])]
+    first = jobs[1 - held.index(worker["id"])]
 
     def held_by_node():
-        with ctx.db.read() as s:
-            g = s.execute(select(Generation).where(Generation.request_id == second)).scalar_one()
-            return g.state == "processing" and g.claimed_by == worker["id"]
+        return holder(second) == worker["id"]
 
-    wait_for("the node to take the second job", held_by_node, every=0.1)
     time.sleep(0.5)  # inside the pipeline call
     left_at = time.time()
     cluster.remove_node(node)
