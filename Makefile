@@ -21,11 +21,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# `--address local` always starts a fresh Ray for this cluster (on a free port, never 6379),
-# instead of joining some other Ray already running on the machine.
+# `rayhorde run` (cluster/run_cli.py) is `serve run --address local` (a fresh Ray for this
+# cluster, on a free port, never 6379, instead of joining some other Ray on the machine) with
+# Serve's HAProxy switched on, and SIGTERM (systemd, container runtimes) stopping everything it
+# started the way Ctrl-C does, HAProxy included.
 run: install
 	mkdir -p data
-	$(SERVE_ENV) $(BIN)/serve run --address local configs/local.yaml
+	$(BIN)/rayhorde run configs/local.yaml
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -44,3 +46,6 @@ bench: install
 	$(BIN)/python bench/lora_switch.py
 	$(BIN)/python bench/llm_throughput.py
 	$(SERVE_ENV) $(BIN)/python bench/volunteer_nodes.py
+	$(BIN)/python bench/postprocess_safety.py
+	$(BIN)/python bench/fuzz_openapi.py --db-url $(BENCH_DB)
+	$(SERVE_ENV) $(BIN)/python bench/load.py --start serve --db-url $(BENCH_DB) --clients 200 --seconds 60

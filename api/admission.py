@@ -11,21 +11,36 @@ from api.errors import HordeError
 from api.kudos import head_start_seconds
 
 
-def check_capacity(ctx, session, user: User, requester: str, n: int) -> None:
+def check_capacity(ctx, session, user: User, requester: str, n: int) -> float:
     """Refuse (429 TooManyPrompts) when `n` more generations would take the requester over
-    its cap. One statement, reading at most cap + 1 index entries."""
+    its cap. Returns what its unfinished generations will cost it (their kudos and tax
+    shares): kudos its balance already owes. One statement, reading at most cap + 1 of its
+    generations (when there are more, the request is refused and the sum is not needed)."""
     s = ctx.settings
     cap = s.max_waiting_education if user.education else s.max_waiting_per_user
-    active = session.execute(
-        select(func.count()).select_from(
-            select(Generation.id).where(Generation.requester == requester,
-                                        Generation.state.in_(("waiting", "processing")))
-            .limit(cap + 1).subquery())
-    ).scalar_one()
+    unfinished = (select((Generation.kudos + Generation.tax).label("owed"))
+                  .where(Generation.requester == requester,
+                         Generation.state.in_(("waiting", "processing")))
+                  .limit(cap + 1).subquery())
+    active, owed = session.execute(
+        select(func.count(), func.coalesce(func.sum(unfinished.c.owed), 0.0))
+        .select_from(unfinished)).one()
     if active + n > cap:
         raise HordeError(429, "TooManyPrompts",
                          f"params.n: {active} of your generations are already queued and you "
                          f"may have at most {cap}; wait for some to finish")
+    return float(owed)
+
+
+def lock_balance(session, user: User) -> float:
+    """`user`'s balance, read afresh with its row locked to the end of the transaction, so a
+    user's requests that need kudos upfront are checked one after the other and cannot both
+    count the same kudos. One statement on PostgreSQL; none on SQLite, whose write
+    transaction is already one at a time (and `user` was read inside it)."""
+    if session.bind.dialect.name != "postgresql":
+        return user.kudos
+    return session.execute(select(User.kudos).where(User.id == user.id).with_for_update()
+                           ).scalar_one()
 
 
 def check_workers(session, workers: list[str]) -> None:

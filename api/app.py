@@ -6,15 +6,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.alchemy import forms as alchemy_forms
+from api.alchemy.router import router as alchemy_router
 from api.db import queue
 from api.errors import install_error_handlers
+from api.filters import store as prompt_filters
+from api.filters.router import router as filter_routes
 from api.images import Context
+from api.nul_guard import RefuseNul
 from api.ratelimit import RateLimiter
 from api.routes import generate, openai, status, texts, users, workers
 
@@ -72,6 +77,7 @@ async def sweep_expired(ctx: Context) -> None:
         try:
             await run_in_threadpool(queue.expire, ctx.db, s.max_attempts,
                                     max_consecutive_drops=s.max_consecutive_drops)
+            await run_in_threadpool(alchemy_forms.expire, ctx.db, s.max_attempts)
         except Exception:
             log.exception("sweeping expired claims failed; retrying")
 
@@ -83,9 +89,14 @@ def create_app(ctx: Context, on_submit: Callable[[], None] | None = None,
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         sweeper = asyncio.create_task(sweep_expired(ctx))
+        follower = await filters.start()  # prompt filters: load, then poll
         yield
         sweeper.cancel()
+        follower.cancel()
+        with suppress(asyncio.CancelledError):
+            await follower  # it disposes its engine once its last read has ended
 
+    filters = prompt_filters.cache_of(ctx)
     app = FastAPI(title="rayhorde", version="2.5.0", docs_url="/api/docs",
                   openapi_url="/api/openapi.json", lifespan=lifespan)
     app.state.ctx = ctx
@@ -95,6 +106,9 @@ def create_app(ctx: Context, on_submit: Callable[[], None] | None = None,
     for routes in (generate, texts, workers, users, status):
         app.include_router(routes.router, prefix="/api/v2")
     app.include_router(openai.router)
+    app.include_router(filter_routes, prefix="/api/v2")
+    app.include_router(alchemy_router, prefix="/api/v2")
+    app.add_middleware(RefuseNul)  # inside BodySizeLimit, which bounds what it reads
     app.add_middleware(BodySizeLimit, limit=ctx.settings.max_body_bytes)
     return app
 

@@ -28,7 +28,7 @@ from models.workflows import Workflow, choose_workflow, first_pass_size
 @dataclass(frozen=True)
 class StoredSources:
     """What a request's source image, mask and remix images became: an id for the request
-    (their keys name it) and the stored objects' keys (extras: [{key, strength}])."""
+    and the stored objects' keys (extras: [{key, strength}])."""
 
     request_id: str
     image_key: str | None = None
@@ -194,9 +194,12 @@ def store(settings: Settings, storage: Storage, body: ImageGenerateRequest) -> S
                          "source_image with transparent pixels to repaint")
     extras = [(sources.load_source(e.image, f"extra_source_images[{i}].image", lim), e.strength)
               for i, e in enumerate(body.extra_source_images or [])]
-    stored = StoredSources(request_id, f"sources/{request_id}/image.png",
-                           None if mask is None else f"sources/{request_id}/mask.png",
-                           tuple({"key": f"sources/{request_id}/extra-{i}.png", "strength": s}
+    # Workers download the sources by these keys: a folder of their own, never named by the
+    # request's id (with which anyone can read and cancel the request).
+    folder = f"sources/{uuid.uuid4()}"
+    stored = StoredSources(request_id, f"{folder}/image.png",
+                           None if mask is None else f"{folder}/mask.png",
+                           tuple({"key": f"{folder}/extra-{i}.png", "strength": s}
                                  for i, (_, s) in enumerate(extras)))
     storage.put(stored.image_key, image.png, "image/png")
     if mask is not None:

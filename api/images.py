@@ -1,8 +1,9 @@
 """Image requests: submit, check, status, cancel. The routes stay thin; the rules live here.
 
-Statement budget (pinned by tests): submit 4 after authentication (the requester's active count,
-request, generations, queue entries; one more when it names workers); check 3; status 4. None
-of them grows with `n` or with the queue.
+Statement budget (pinned by tests): submit 4 after authentication (the requester's active count
+and what it owes, request, generations, queue entries; one more when it names workers, and on
+PostgreSQL when it needs kudos upfront: the balance's lock); check 3; status 4. None of them
+grows with `n` or with the queue.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from api.db import queue
 from api.db.models import Generation, ModelStat, QueueEntry, Request, User
 from api.db.session import Database
 from api.errors import HordeError
+from api.filters import store as prompt_filters
 from api.kudos import REQUEST_TAX, UPFRONT_PIXELS, UPFRONT_STEPS, image_cost, needs_upfront_kudos
 from api.ratelimit import RateLimiter
 from api.schemas import (
@@ -50,12 +52,14 @@ class Context:
     catalog: Catalog  # the models this cluster serves
     limiter: RateLimiter | None = None
     adapters: AdapterCatalog = field(default_factory=AdapterCatalog)  # LoRAs and TIs
+    filters: prompt_filters.FilterCache | None = None  # prompt filters (made by create_app)
 
 
 def seed_to_int(seed: str) -> int:
-    """The AI Horde takes any string as a seed: digits are used as a number, anything else is
-    hashed to one, so the same string always gives the same images."""
-    if seed.isdigit():
+    """The AI Horde takes any string as a seed: ASCII digits are used as a number, anything else
+    (including other scripts' digits and "²", which `isdigit` also accepts) is hashed to one,
+    so the same string always gives the same images. The schemas bound its length."""
+    if seed.isascii() and seed.isdigit():
         return int(seed) % SEED_SPACE
     return int.from_bytes(hashlib.sha256(seed.encode()).digest()[:4], "big")
 
@@ -92,6 +96,9 @@ def _family(ctx: Context, body: ImageGenerateRequest) -> Family:
 
 def price(ctx: Context, body: ImageGenerateRequest) -> float:
     """The request's kudos (dry_run shows it); refuses what no workflow runs."""
+    # Prompt filters (api/filters): a dry run is refused like the request would be; without
+    # the user at hand it is not counted as suspicion.
+    prompt_filters.screen(ctx, body.split_prompt()[0], body.replacement_filter)
     family = _family(ctx, body)
     image_workflows.check(ctx.catalog, ctx.adapters, body, family)
     return _cost(body, family)
@@ -152,19 +159,22 @@ def submit(ctx: Context, user: User, body: ImageGenerateRequest, client_agent: s
     their queue entries. Everything that can refuse it runs before the first write; the caller's
     transaction rolls back on any error (and deletes what `prepare` stored), so a refused
     request leaves nothing behind."""
+    # Prompt filters (api/filters), first of all: a CSAM refusal commits the user's raised
+    # suspicion before it raises, which must be the only write in this transaction.
+    positive, negative = body.split_prompt()
+    positive, filter_warnings = prompt_filters.screen(ctx, positive, body.replacement_filter,
+                                                      session=session, user=user)
     p = body.params
     family = _family(ctx, body)
     image_workflows.check(ctx.catalog, ctx.adapters, body, family)
-    warnings = requirement_warnings(ctx, body)
+    warnings = requirement_warnings(ctx, body) + filter_warnings
     kudos = _cost(body, family)
     anonymous = user.id == ANONYMOUS_USER_ID
-    holds_upfront = not anonymous and user.kudos >= kudos
-    if needs_upfront_kudos(p.width, p.height, p.steps) and not holds_upfront:
-        raise HordeError(403, "KudosUpfront",
-                         f"params: a job over {UPFRONT_PIXELS} pixels or {UPFRONT_STEPS} steps "
-                         f"needs its {kudos} kudos upfront"
-                         + (": register for an API key" if anonymous else
-                            f"; you hold {round(user.kudos, 2)}"))
+    upfront = needs_upfront_kudos(p.width, p.height, p.steps)
+    upfront_refused = (f"params: a job over {UPFRONT_PIXELS} pixels or {UPFRONT_STEPS} steps "
+                       f"needs its {kudos} kudos upfront")
+    if upfront and anonymous:
+        raise HordeError(403, "KudosUpfront", upfront_refused + ": register for an API key")
     nsfw, censor_nsfw = body.nsfw, body.censor_nsfw
     if user.education:
         if nsfw or not censor_nsfw:
@@ -174,9 +184,17 @@ def submit(ctx: Context, user: User, body: ImageGenerateRequest, client_agent: s
     if len(body.extra_source_images or []) > 1 and not user.trusted:
         raise HordeError(403, "InvalidExtraSourceImages",
                          "extra_source_images: more than one extra image needs a trusted user")
-    admission.check_capacity(ctx, session, user, requester, p.n)
+    # Upfront kudos are reserved, not only checked: what the user's unfinished generations will
+    # cost is spoken for, and its balance is locked first, so two such requests at once cannot
+    # both count the same kudos. Other requests take the balance as read (no lock).
+    balance = admission.lock_balance(session, user) if upfront else user.kudos
+    owed = admission.check_capacity(ctx, session, user, requester, p.n)
+    holds_upfront = not anonymous and balance - owed >= kudos
+    if upfront and not holds_upfront:
+        raise HordeError(403, "KudosUpfront",
+                         upfront_refused + f"; you hold {round(balance, 2)}, of which "
+                         f"{round(owed, 2)} pay for your generations still queued")
     admission.check_workers(session, body.workers)
-    positive, negative = body.split_prompt()
     now = time.time()
     req = Request(
         id=stored.request_id, kind="image", user_id=user.id, prompt=positive,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -28,6 +29,7 @@ NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "ec
 ENDED = ("done", "faulted", "cancelled")
 DEFAULT_CONTEXT = 4096  # for a model whose catalog entry gives no max_context_length
 WAIT_SECONDS = 600.0  # how long a call waits for its text before giving up (504)
+log = logging.getLogger("rayhorde.api")
 
 
 def check_unsupported(body) -> None:
@@ -47,9 +49,7 @@ def request_params(ctx: Context, body) -> dict:
     context = entry.max_context_length or DEFAULT_CONTEXT
     default_length = 16 if isinstance(body, CompletionRequest) else min(entry.max_length or 512, context // 2)
     max_length = body.max_completion_tokens or body.max_tokens or default_length
-    stop = [body.stop] if isinstance(body.stop, str) else body.stop
-    if stop is not None and (len(stop) > 4 or any(not s for s in stop)):
-        raise HordeError(400, "BadRequest", "stop: at most 4 non-empty strings")
+    stop = body.stop  # a list of at most 4 bounded strings (text_schemas.OpenAIStop)
     params = {
         "n": body.n, "max_length": max_length, "max_context_length": context,
         "temperature": 1.0 if body.temperature is None else body.temperature,
@@ -134,13 +134,40 @@ def completion_answer(request_id: str, model: str, gens: list[Generation], chat:
             "model": model, "choices": choices, "usage": usage(gens)}
 
 
+# Clean-ups of streams whose client went away, running to their end on their own (see
+# _in_background); held here so that they are not garbage-collected half-way.
+_cleanups: set[asyncio.Task] = set()
+
+
+def _in_background(work) -> None:
+    """Run `work` to its end even though its caller is being cancelled: a client that goes
+    away cancels the response (Starlette cancels its task group, Serve the request), and any
+    await in the caller's `finally` would be cancelled with it."""
+    task = asyncio.get_running_loop().create_task(work)
+    _cleanups.add(task)
+    task.add_done_callback(_cleanups.discard)
+
+
+async def _abandon(ctx: Context, request_id: str, stop_following: Callable[[], None]) -> None:
+    """The client went away: cancel the request (a result that still arrives records and
+    bills nothing), then stop following its text. The dispatcher, finding the generation
+    cancelled, stops generating it."""
+    try:
+        await run_in_threadpool(_cancel, ctx, request_id)
+    except Exception:
+        log.exception("could not cancel request %s after its client went away", request_id)
+    finally:
+        stop_following()
+
+
 async def stream_events(ctx: Context, follow: Callable | None, wake: Callable[[], None],
                         request_id: str, model: str, chat: bool,
                         include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events for a streamed call (one choice): the text as the dispatcher's LLM
     replica produces it, then whatever of the recorded text has not been sent (all of it when
     an HTTP worker did the work), the finish reason, and `[DONE]`. The dispatcher is woken
-    (`wake`) only once the stream is subscribed, so the first tokens are not missed."""
+    (`wake`) only once the stream is subscribed, so the first tokens are not missed. When the
+    client goes away first, the request is cancelled and the dispatcher's stream stopped."""
     created = int(time.time())
     ident = f"chatcmpl-{request_id}" if chat else f"cmpl-{request_id}"
 
@@ -159,43 +186,56 @@ async def stream_events(ctx: Context, follow: Callable | None, wake: Callable[[]
             body["usage"] = None
         return f"data: {json.dumps(body)}\n\n"
 
-    gen_id = (await run_in_threadpool(_generations, ctx, request_id))[0].id
+    follower = pump_task = None
+
+    def stop_following() -> None:
+        if pump_task is not None:
+            pump_task.cancel()
+        if follower is not None and hasattr(follower, "cancel"):
+            follower.cancel()  # a Serve stream: ends the dispatcher's follow() too
+
     sent = ""
     finished = False
-    yield chunk("", first=True)
     try:
+        gen_id = (await run_in_threadpool(_generations, ctx, request_id))[0].id
+        yield chunk("", first=True)
         if follow is not None:
             deltas: asyncio.Queue = asyncio.Queue()
             subscribed = asyncio.Event()
+            follower = follow(gen_id)
 
             async def pump():
-                async for delta in follow(gen_id):
-                    subscribed.set()
-                    await deltas.put(delta)
+                try:
+                    async for delta in follower:  # None first: not followed (see follow())
+                        subscribed.set()
+                        await deltas.put(delta)
+                except Exception:
+                    log.warning("following generation %s failed", gen_id, exc_info=True)
                 await deltas.put(None)
 
             pump_task = asyncio.create_task(pump())
+            # asyncio.timeout, not wait_for: on 3.11 that can swallow a cancellation (the
+            # client going away) that comes as the awaited item does.
             try:
-                await asyncio.wait_for(subscribed.wait(), timeout=5)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(5):
+                    await subscribed.wait()
+            except TimeoutError:
                 pass  # the dispatcher did not answer: the record below still gives the text
             wake()
-            try:
-                while True:
-                    try:
-                        delta = await asyncio.wait_for(deltas.get(), timeout=0.5)
-                    except asyncio.TimeoutError:  # maybe it ran elsewhere: look at the record
-                        if all(g.state in ENDED for g in await run_in_threadpool(
-                                _generations, ctx, request_id)):
-                            break
-                        continue
-                    if delta is None:
+            while True:
+                try:
+                    async with asyncio.timeout(0.5):
+                        delta = await deltas.get()
+                except TimeoutError:  # maybe it ran elsewhere: look at the record
+                    if all(g.state in ENDED for g in await run_in_threadpool(
+                            _generations, ctx, request_id)):
                         break
-                    if delta:
-                        sent += delta
-                        yield chunk(delta)
-            finally:
-                pump_task.cancel()
+                    continue
+                if delta is None:
+                    break
+                if delta:
+                    sent += delta
+                    yield chunk(delta)
         else:
             wake()
         gens = await wait_ended(ctx, request_id)
@@ -213,8 +253,11 @@ async def stream_events(ctx: Context, follow: Callable | None, wake: Callable[[]
     except HordeError as e:
         yield f"data: {json.dumps({'error': {'message': e.message, 'code': e.rc}})}\n\n"
     finally:
-        if not finished:  # the client went away: stop spending the cluster's time on it
-            await run_in_threadpool(_cancel, ctx, request_id)
+        # No await here: when the client went away this runs inside a cancelled task.
+        if finished:
+            stop_following()
+        else:
+            _in_background(_abandon(ctx, request_id, stop_following))
     yield "data: [DONE]\n\n"
 
 

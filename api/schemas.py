@@ -11,7 +11,17 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from models.adapters import MAX_LORAS, MAX_TIS, LoraSpec, TiSpec
 from models.catalog import Family
@@ -41,11 +51,33 @@ def _uuid_of(what: str) -> AfterValidator:
 WorkerId = Annotated[str, _uuid_of("worker")]
 GenerationId = Annotated[str, _uuid_of("generation")]
 
+# A model's name as requests and workers give it (Generation.model holds 200 characters).
+ModelName = Annotated[str, Field(min_length=1, max_length=200)]
+# Models one request may name. The AI Horde documents no number; each name is one queue row
+# per image, and a real request names a few variants of one family.
+MAX_REQUEST_MODELS = 100
+
+
+def _each_once(names: list[str]) -> list[str]:
+    """Refused rather than de-duplicated: a repeated name is a client's mistake to see."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise PydanticCustomError("duplicate_model", "duplicate model name {name}",
+                                      {"name": repr(name)})
+        seen.add(name)
+    return names
+
+
+RequestModels = Annotated[list[ModelName], Field(max_length=MAX_REQUEST_MODELS),
+                          AfterValidator(_each_once)]
+
 
 class _In(BaseModel):
     # Clients built for the AI Horde send fields we do not model yet; they are ignored only
     # when they are absent from this schema entirely. Known-but-unsupported ones are checked.
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinities are refused by every number field (JSON as Python parses it has them).
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class ExtraText(_In):
@@ -53,6 +85,10 @@ class ExtraText(_In):
 
     text: str = Field(max_length=2000)
     reference: str = Field(min_length=1, max_length=64)
+
+
+# `params.special`: the AI Horde's free-form extras, kept to a few scalar entries.
+SpecialValue = Annotated[str, Field(max_length=1000)] | int | float | bool | None
 
 
 class ImageParams(_In):
@@ -76,7 +112,8 @@ class ImageParams(_In):
     facefixer_strength: float | None = Field(None, ge=0, le=1)
     loras: list[LoraSpec] = Field(default_factory=list, max_length=MAX_LORAS)
     tis: list[TiSpec] = Field(default_factory=list, max_length=MAX_TIS)
-    special: dict[str, Any] = Field(default_factory=dict)
+    special: dict[Annotated[str, Field(max_length=100)], SpecialValue] = Field(
+        default_factory=dict, max_length=20)
     extra_texts: list[ExtraText] = Field(default_factory=list, max_length=20)
     workflow: Literal["qr_code"] | None = None
     transparent: bool = False
@@ -114,7 +151,7 @@ class ImageGenerateRequest(_In):
     censor_nsfw: bool = False
     workers: list[WorkerId] = Field(default_factory=list, max_length=5)
     worker_blacklist: bool = False
-    models: list[str] = Field(default_factory=list)
+    models: RequestModels = Field(default_factory=list)
     source_image: SourceField | None = None
     source_processing: Literal["img2img", "inpainting", "outpainting", "remix"] = "img2img"
     source_mask: SourceField | None = None
@@ -123,11 +160,11 @@ class ImageGenerateRequest(_In):
     shared: bool = False
     replacement_filter: bool = True
     dry_run: bool = False
-    proxied_account: str | None = None
+    proxied_account: str | None = Field(None, max_length=100)
     disable_batching: bool = False
     allow_downgrade: bool = False
-    webhook: str | None = None
-    style: str | None = None
+    webhook: str | None = Field(None, max_length=1024)
+    style: str | None = Field(None, max_length=100)
 
     @model_validator(mode="after")
     def _reject_unsupported(self) -> "ImageGenerateRequest":
@@ -178,10 +215,45 @@ class RequestStatusCheck(BaseModel):
     is_possible: bool
 
 
+# gen_metadata entries (horde-sdk's GenMetadataEntry): the types and values strict horde
+# clients know (shared/horde-facts.md); any other breaks them.
+MetadataType = Literal["lora", "ti", "censorship", "source_image", "source_mask",
+                       "extra_source_images", "batch_index", "information", "aesthetic_score"]
+MetadataValue = Literal["download_failed", "parse_failed", "baseline_mismatch", "csam", "nsfw",
+                        "see_ref"]
+
+
 class GenerationMetadata(BaseModel):
-    type: str
-    value: str
-    ref: str | None = None
+    model_config = ConfigDict(extra="forbid")
+
+    type: MetadataType
+    value: MetadataValue
+    ref: str | None = Field(None, max_length=255)
+
+
+def _as_stored(entry: GenerationMetadata) -> dict:
+    return entry.model_dump(exclude_none=True)
+
+
+# What a worker submits: checked entries, kept as the plain dicts the database stores.
+SubmittedMetadata = Annotated[
+    list[Annotated[GenerationMetadata, AfterValidator(_as_stored)]], Field(max_length=50)]
+
+
+def _readable(entries: Any) -> list:
+    """The stored entries a strict client can read. Rows from before entries were checked at
+    submit may hold anything: such entries are left out rather than failing the answer (and
+    every later one) for good."""
+    out = []
+    for entry in entries if isinstance(entries, list) else ():
+        try:
+            out.append(GenerationMetadata.model_validate(entry))
+        except ValidationError:
+            continue
+    return out
+
+
+StoredMetadata = Annotated[list[GenerationMetadata], BeforeValidator(_readable)]
 
 
 class ImageGeneration(BaseModel):
@@ -193,7 +265,7 @@ class ImageGeneration(BaseModel):
     seed: str
     id: str
     censored: bool
-    gen_metadata: list[GenerationMetadata] = []
+    gen_metadata: StoredMetadata = []
 
 
 class RequestStatusStable(RequestStatusCheck):

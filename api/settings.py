@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,9 +29,24 @@ class Settings(BaseSettings):
     adapter_catalog_path: str = "configs/adapters.yaml"
     # The models this cluster serves; empty means every model of the catalog.
     served_models: list[str] = Field(default_factory=list)
-    # Salt mixed into API key hashes; set a secret one in production. It also signs the
-    # upload URLs that local storage hands to HTTP workers.
-    key_salt: str = "rayhorde-default-salt"
+    # --- Secrets (api/installation_secret.py) ---
+    # The installation's secret: it salts API key hashes and signs the upload URLs that local
+    # storage hands to HTTP workers. Unset, it is read from `secret_file`, made there (mode
+    # 0600) on first start; a cluster of several nodes sets RAYHORDE_KEY_SALT on every node.
+    key_salt: str = ""
+    # Where the made secret lives; "" = beside the SQLite database (data/rayhorde.secret for
+    # data/rayhorde.db), else data/rayhorde-cluster.secret.
+    secret_file: str = ""
+    # Fingerprints of the settings the application's build read from its environment: each
+    # replica reads them from its own and must find the same (cluster/app.py).
+    env_digests: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def resolve_secrets(self) -> "Settings":
+        from api.installation_secret import resolve
+
+        return resolve(self)
+    # --- end of secrets ---
     max_body_bytes: int = 16 * 1024 * 1024
     # Source images and masks (api/sources.py): bytes and pixels accepted, how long fetching a
     # URL may take, and whether URLs may point at private, loopback or link-local addresses
@@ -48,6 +63,13 @@ class Settings(BaseSettings):
     # Post-processors (models/postprocess): "builtin" random weights of the real architectures
     # for every one (the embedded demo), or the files the catalog's `postprocessors` name.
     postprocessor_weights: Literal["builtin", "catalog"] = "builtin"
+    # Caption, interrogation and the NSFW classifier (models/alchemy): "builtin" random weights
+    # (the embedded demo; the tiny NSFW checker is calibrated on synthetic images, see
+    # models/safety.py), or the directories the catalog's `alchemy` entries name.
+    alchemy_weights: Literal["builtin", "catalog"] = "builtin"
+    # Added to every score of the NSFW classifier (diffusers' safety checker `adjustment`):
+    # above 0 flags more images, at the cost of more benign ones; for censor_nsfw and the nsfw form.
+    nsfw_strictness: float = Field(0.0, ge=-1.0, le=1.0)
     # A generation that fails this many times ends `faulted`.
     max_attempts: int = 3
 
@@ -59,9 +81,6 @@ class Settings(BaseSettings):
     # client address); the education role gets the higher cap.
     max_waiting_per_user: int = 30
     max_waiting_education: int = 100
-    # Client addresses are taken from X-Forwarded-For only when the connection comes from one
-    # of these (the ingress proxy).
-    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
 
     # Workers.
     stale_worker_seconds: float = 300.0  # offline after this long without a pop
@@ -72,6 +91,8 @@ class Settings(BaseSettings):
     uptime_bonus_seconds: float = 600.0  # ... per this much time online
     expire_every_seconds: float = 5.0  # how often expired claims are swept back
     node_heartbeat_seconds: float = 10.0  # volunteer nodes' uptime is counted this often
+    # How often each API replica checks whether the prompt filters changed (api/filters).
+    filter_refresh_seconds: float = Field(2.0, gt=0)
 
     # Rate limits per API key and per client address (limits' syntax, e.g. "60/minute");
     # "memory://" counts per API replica, "redis://host:port" across all of them.
@@ -79,6 +100,21 @@ class Settings(BaseSettings):
     rate_limit_submit: str = "60/minute"
     rate_limit_poll: str = "600/minute"  # check and status
     rate_limit_pop: str = "300/minute"
+    # Submits a minute of registered and trusted users (the AI Horde's 90 and 300), counted per
+    # user wherever they call from; `rate_limit_submit` is then the anonymous callers' limit,
+    # per address. A tier never gets less than the one below it (api/ratelimit.py).
+    rate_limit_submit_registered: str = "90/minute"
+    rate_limit_submit_trusted: str = "300/minute"
+
+    # The worker economy (api/workers.py). HTTP workers (image, text and alchemy together) one
+    # user may have, and a trusted user or moderator: the AI Horde lets a user run about 4
+    # workers (SAME_IP_WORKER_THRESHOLD 3: a further one is refused past 3 others) and a
+    # trusted user 20. Names are kept for good: past the cap, rename one (PUT /workers/{id}).
+    max_workers_per_user: int = Field(4, ge=1)
+    max_workers_trusted: int = Field(20, ge=1)
+    # Bytes of one uploaded result: local uploads past it are refused as they arrive, S3
+    # uploads (a presigned PUT cannot be capped) at submit. max_body_bytes bounds both too.
+    max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1)
 
 
 @lru_cache

@@ -217,7 +217,7 @@ def _read(r: httpx.Response, field: str, limits: SourceLimits) -> bytes:
                     "compressed (Content-Encoding) responses are refused")
     too_big = _fail("SourceImageTooLarge", field, f"more than {limits.max_bytes} bytes")
     length = r.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limits.max_bytes:
+    if length.isascii() and length.isdigit() and int(length) > limits.max_bytes:
         raise too_big
     data = bytearray()
     for chunk in r.iter_raw(_CHUNK):

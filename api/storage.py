@@ -7,8 +7,10 @@ import hashlib
 import hmac
 import os
 import re
+import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +30,12 @@ class Storage(Protocol):
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
+    def size(self, key: str) -> int | None:
+        """The object's size in bytes; None when there is no such object."""
+        ...
+    def copy(self, src: str, dst: str) -> None:
+        """Store `src`'s bytes under `dst` too, replacing what was there."""
+        ...
     def url(self, key: str) -> str: ...
     def upload_url(self, key: str, ttl: int) -> str:
         """A URL an HTTP worker can PUT the object's bytes to, valid for `ttl` seconds."""
@@ -69,6 +77,26 @@ class LocalStorage:
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
 
+    def size(self, key: str) -> int | None:
+        try:
+            return self.path(key).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def copy(self, src: str, dst: str) -> None:
+        source, target = self.path(src), self.path(dst)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
+        try:
+            # A second name for the same file: instant, and a later put() to `src` (a new file
+            # renamed over it) leaves this one's bytes alone.
+            os.link(source, tmp)
+        except OSError:
+            if not source.is_file():
+                raise
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+
     def url(self, key: str) -> str:
         return f"{self.public_url}/api/v2/objects/{check_key(key)}"
 
@@ -104,15 +132,21 @@ class S3Storage:
         return self.client.get_object(Bucket=self.bucket, Key=check_key(key))["Body"].read()
 
     def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def size(self, key: str) -> int | None:
         from botocore.exceptions import ClientError
 
         try:
-            self.client.head_object(Bucket=self.bucket, Key=check_key(key))
-            return True
+            return self.client.head_object(Bucket=self.bucket, Key=check_key(key))["ContentLength"]
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
+                return None
             raise
+
+    def copy(self, src: str, dst: str) -> None:  # server-side: the bytes never pass through here
+        self.client.copy_object(Bucket=self.bucket, Key=check_key(dst),
+                                CopySource={"Bucket": self.bucket, "Key": check_key(src)})
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=check_key(key))

@@ -3,16 +3,46 @@ declares them, and the OpenAI-compatible requests."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
-from api.schemas import GenerationId, RequestStatusCheck, WorkerId
-from api.worker_schemas import PopMessage
+from api.schemas import (
+    GenerationId,
+    ModelName,
+    RequestModels,
+    RequestStatusCheck,
+    StoredMetadata,
+    SubmittedMetadata,
+    WorkerId,
+)
+from api.worker_schemas import PopMessage, PriorityUsername, ShortText
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+# Stop sequences: every one is checked against the text as it grows, for each request of a
+# batch, so both their number and their length are bounded. The AI Horde documents no limit;
+# 32 of 128 characters leaves room for every chat template's turn markers.
+MAX_STOP_SEQUENCES = 32
+StopSequence = Annotated[str, Field(min_length=1, max_length=128)]
+# A seed as horde text clients send it: a string (hashed unless ASCII digits) or a number.
+TextSeed = Annotated[str, Field(max_length=256)] | Annotated[int, Field(ge=-(2**63), lt=2**63)]
+# A prompt, in characters (the body limit, 16 MiB by default, also bounds it).
+MAX_PROMPT_CHARS = 1_000_000
+
+
+def few_extras(model: BaseModel, limit: int = 50) -> None:
+    """Models that accept unknown fields (to name them in warnings or refuse them by name)
+    still take only a few, with short names."""
+    extra = model.model_extra or {}
+    if len(extra) > limit or any(len(name) > 100 for name in extra):
+        raise PydanticCustomError("too_many_fields",
+                                  "at most {limit} unknown fields, named in at most 100 characters",
+                                  {"limit": limit})
 
 
 # Horde text parameters this cluster does not implement: accepted, and named in the answer's
@@ -39,13 +69,13 @@ class TextParams(_In):
     min_p: float | None = Field(None, ge=0, le=1)
     rep_pen: float | None = Field(None, ge=1, le=3)
     rep_pen_range: int | None = Field(None, ge=0, le=4096)
-    stop_sequence: list[str] | None = Field(None, max_length=32)
-    seed: str | int | None = None
+    stop_sequence: list[StopSequence] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    seed: TextSeed | None = None
     # Not implemented (see UNIMPLEMENTED_TEXT_PARAMS), validated with the horde's limits.
     tfs: float | None = Field(None, ge=0, le=1)
     top_a: float | None = Field(None, ge=0, le=1)
     rep_pen_slope: float | None = Field(None, ge=0, le=10)
-    sampler_order: list[int] | None = None
+    sampler_order: list[Annotated[int, Field(ge=0, le=100)]] | None = Field(None, max_length=16)
     smoothing_factor: float | None = Field(None, ge=0, le=10)
     dynatemp_range: float | None = Field(None, ge=0, le=5)
     dynatemp_exponent: float | None = Field(None, ge=0, le=5)
@@ -56,32 +86,30 @@ class TextParams(_In):
     frmttriminc: bool | None = None
     use_default_badwordsids: bool | None = None
 
-    @field_validator("stop_sequence")
-    @classmethod
-    def _non_empty(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None and any(not s for s in v):
-            raise ValueError("stop sequences must not be empty")
-        return v
+    @model_validator(mode="after")
+    def _few_unknown(self) -> "TextParams":
+        few_extras(self)
+        return self
 
 
 class TextGenerateRequest(_In):
-    prompt: str = Field(min_length=1, max_length=1_000_000)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     params: TextParams = Field(default_factory=TextParams)
-    models: list[str] = Field(default_factory=list)
+    models: RequestModels = Field(default_factory=list)
     trusted_workers: bool = False
     slow_workers: bool = True
     extra_slow_workers: bool = False
     workers: list[WorkerId] = Field(default_factory=list, max_length=5)
     worker_blacklist: bool = False
     dry_run: bool = False
-    softprompt: str | None = None
-    proxied_account: str | None = None
+    softprompt: str | None = Field(None, max_length=1000)
+    proxied_account: str | None = Field(None, max_length=100)
     disable_batching: bool = False
     allow_downgrade: bool = False
     # Not supported here: refused with a 400 naming them when set.
-    webhook: str | None = None
-    style: str | None = None
-    extra_source_images: list[dict[str, Any]] | None = None
+    webhook: str | None = Field(None, max_length=1024)
+    style: str | None = Field(None, max_length=100)
+    extra_source_images: list[dict[str, Any]] | None = Field(None, max_length=5)
 
 
 class TextGeneration(BaseModel):
@@ -93,7 +121,7 @@ class TextGeneration(BaseModel):
     state: Literal["ok", "censored", "faulted"]
     worker_id: str
     worker_name: str
-    gen_metadata: list[dict[str, Any]] = Field(default_factory=list)
+    gen_metadata: StoredMetadata = Field(default_factory=list)
 
 
 class TextStatus(RequestStatusCheck):
@@ -102,7 +130,7 @@ class TextStatus(RequestStatusCheck):
 
 class TextPopInput(_In):
     name: str = Field(min_length=1, max_length=100)
-    models: list[str] = Field(min_length=1, max_length=1000)
+    models: list[ModelName] = Field(min_length=1, max_length=1000)
     max_length: int = Field(512, ge=1, le=1_000_000)
     max_context_length: int = Field(2048, ge=1, le=100_000_000)
     amount: int = Field(1, ge=1, le=20)
@@ -110,10 +138,10 @@ class TextPopInput(_In):
     nsfw: bool = False
     threads: int = Field(1, ge=1, le=50)
     extra_slow_worker: bool = False
-    priority_usernames: list[str] = Field(default_factory=list, max_length=50)
+    priority_usernames: list[PriorityUsername] = Field(default_factory=list, max_length=50)
     require_upfront_kudos: bool = False
-    blacklist: list[str] = Field(default_factory=list, max_length=200)
-    softprompts: list[str] | None = None
+    blacklist: list[ShortText] = Field(default_factory=list, max_length=200)
+    softprompts: list[ShortText] | None = Field(None, max_length=100)
 
 
 class TextPopResponse(BaseModel):
@@ -129,47 +157,78 @@ class TextPopResponse(BaseModel):
 
 class TextSubmitInput(_In):
     id: GenerationId
-    generation: str = ""
+    generation: str = Field("", max_length=MAX_PROMPT_CHARS)
     state: Literal["ok", "censored", "faulted", "csam"] = "ok"
-    gen_metadata: list[dict[str, Any]] = Field(default_factory=list, max_length=50)
+    gen_metadata: SubmittedMetadata = Field(default_factory=list)
 
 
 # ---------------------------------------------------------------- OpenAI-compatible
 
 
+def _listed(stop: Any) -> Any:
+    return [stop] if isinstance(stop, str) else stop
+
+
+# OpenAI's `stop`: a string or up to 4 (OpenAI's own limit), always read as a list.
+OpenAIStop = Annotated[
+    Annotated[list[StopSequence], Field(max_length=4)] | None,
+    BeforeValidator(_listed, json_schema_input_type=(
+        StopSequence | Annotated[list[StopSequence], Field(max_length=4)] | None))]
+
+
 class _OpenAIIn(BaseModel):
     # OpenAI clients send only what the caller set; a parameter we do not implement is
-    # refused by name (see openai_api.UNSUPPORTED) rather than ignored.
-    model_config = ConfigDict(extra="allow")
+    # refused by name (see openai_api.NEUTRAL) rather than ignored.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    model: str
+    model: ModelName
     max_tokens: int | None = Field(None, ge=1, le=16384)
     max_completion_tokens: int | None = Field(None, ge=1, le=16384)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=20)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: OpenAIStop = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    user: str | None = None
+    stream_options: dict[str, Any] | None = Field(None, max_length=8)
+    user: str | None = Field(None, max_length=256)
     # rayhorde/KoboldAI extensions, as vLLM and llama.cpp accept them.
     top_k: int | None = Field(None, ge=0, le=100)
     min_p: float | None = Field(None, ge=0, le=1)
     typical_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, ge=1, le=3)
 
+    @model_validator(mode="after")
+    def _few_unknown(self) -> "_OpenAIIn":
+        few_extras(self)
+        return self
+
 
 class CompletionRequest(_OpenAIIn):
-    prompt: str = Field(min_length=1, max_length=1_000_000)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
 class ChatCompletionRequest(_OpenAIIn):
     messages: list[ChatMessage] = Field(min_length=1, max_length=500)
+
+    @model_validator(mode="after")
+    def _bounded_conversation(self) -> "ChatCompletionRequest":
+        if sum(len(m.content) for m in self.messages) > MAX_PROMPT_CHARS:
+            raise ChatTooLong()
+        return self
+
+
+class ChatTooLong(ValueError):
+    """Named `messages` in the answer (api/errors.py reads `field`), like a prompt too long."""
+
+    field = "messages"
+
+    def __init__(self):
+        super().__init__(f"at most {MAX_PROMPT_CHARS} characters in all messages together")

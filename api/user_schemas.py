@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# users.id is a 32-bit integer column: no user has a larger id.
+MAX_USER_ID = 2**31 - 1
+# The most kudos one award or transfer moves: far above any real one, and a sum the ledger's
+# doubles hold exactly to the cent.
+MAX_KUDOS_MOVED = 10**9
+
 
 class KudosDetails(BaseModel):
     accumulated: float = 0.0  # earned by its workers
@@ -52,9 +58,10 @@ class UserDetails(BaseModel):
 class UserModify(BaseModel):
     """What a moderator may change on a user (PUT /users/{id})."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    kudos: float | None = Field(None, description="awarded (negative: taken back) through the ledger")
+    kudos: float | None = Field(None, ge=-MAX_KUDOS_MOVED, le=MAX_KUDOS_MOVED,
+                                description="awarded (negative: taken back) through the ledger")
     trusted: bool | None = None
     moderator: bool | None = None
     flagged: bool | None = None
@@ -78,10 +85,10 @@ class UserModifyResponse(BaseModel):
 
 
 class KudosTransferInput(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     username: str = Field(min_length=3, max_length=110, description="recipient as name#id")
-    amount: float = Field(gt=0, le=10**9)
+    amount: float = Field(gt=0, le=MAX_KUDOS_MOVED)
 
 
 class KudosTransferResponse(BaseModel):

@@ -17,6 +17,7 @@ from api.user_schemas import (
     ContributionsDetails,
     KudosDetails,
     KudosTransferInput,
+    MAX_USER_ID,
     UsageDetails,
     UserDetails,
     UserModify,
@@ -112,9 +113,9 @@ def transfer(ctx: Context, session, sender: User, body: KudosTransferInput,
         if done is not None:
             return done.response["transferred"]
     name, _, raw_id = body.username.rpartition("#")
-    if not raw_id.isdigit():
+    if not (raw_id.isascii() and raw_id.isdigit()):  # "²".isdigit() too, but int() refuses it
         raise HordeError(400, "BadRequest", "username: give the recipient as name#id")
-    target = session.get(User, int(raw_id))
+    target = session.get(User, int(raw_id)) if int(raw_id) <= MAX_USER_ID else None
     if target is None or target.username != name:
         raise HordeError(404, "UserNotFound", f"username: no user {body.username}")
     if sender.flagged:

@@ -4,30 +4,47 @@ it does not know, so answers carry exactly these)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from api.schemas import GenerationId
+from api.schemas import GenerationId, ModelName, SubmittedMetadata
+from api.user_schemas import MAX_USER_ID
+
+# A word of a worker's blacklist, a soft prompt's name.
+ShortText = Annotated[str, Field(max_length=200)]
+
+
+def _alias(name: str) -> str:
+    raw_id = name.rpartition("#")[2]
+    if not (raw_id.isascii() and raw_id.isdigit() and int(raw_id) <= MAX_USER_ID):
+        raise ValueError(f"{name!r} is not a username#id alias")
+    return name
+
+
+# A user as `name#id` (the alias /users shows).
+PriorityUsername = Annotated[str, Field(max_length=110), AfterValidator(_alias)]
 
 
 class _In(BaseModel):
     # Workers send fields we do not use (sampler contract versions and such): ignored.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class ImagePopInput(_In):
     name: str = Field(min_length=1, max_length=100)
-    models: list[str] = Field(min_length=1, max_length=1000)
-    max_pixels: int = Field(512 * 512, ge=64 * 64)
+    models: list[ModelName] = Field(min_length=1, max_length=1000)
+    # Any value from 3072^2 (the largest request) up means "every size"; the bound keeps the
+    # number a number the database holds.
+    max_pixels: int = Field(512 * 512, ge=64 * 64, le=2**31 - 1)
     amount: int = Field(1, ge=1, le=20)
     bridge_agent: str = Field("unknown:0:unknown", max_length=1000)
     nsfw: bool = False
     extra_slow_worker: bool = False
-    priority_usernames: list[str] = Field(default_factory=list, max_length=50)
+    priority_usernames: list[PriorityUsername] = Field(default_factory=list, max_length=50)
     require_upfront_kudos: bool = False
     threads: int = Field(1, ge=1, le=50)
-    blacklist: list[str] = Field(default_factory=list, max_length=200)
+    blacklist: list[ShortText] = Field(default_factory=list, max_length=200)
     allow_img2img: bool = True
     allow_painting: bool = False
     allow_unsafe_ipaddr: bool = True
@@ -36,14 +53,6 @@ class ImagePopInput(_In):
     allow_sdxl_controlnet: bool = False
     allow_lora: bool = False
     limit_max_steps: bool = False
-
-    @field_validator("priority_usernames")
-    @classmethod
-    def _alias_ids(cls, v: list[str]) -> list[str]:
-        for name in v:
-            if not name.rpartition("#")[2].isdigit():
-                raise ValueError(f"{name!r} is not a username#id alias")
-        return v
 
 
 class PopMessage(BaseModel):
@@ -73,11 +82,13 @@ class ImagePopResponse(BaseModel):
 
 class JobSubmitInput(_In):
     id: GenerationId
-    generation: str = ""
+    # "R2", or the image as base64 (the body limit, 16 MiB by default, bounds it first).
+    generation: str = Field("", max_length=24 * 1024 * 1024)
     state: Literal["ok", "censored", "faulted", "csam"] = "ok"
-    seed: int | None = Field(None, ge=0)
+    # Stored as a 64-bit integer: refused here rather than failing after the image is stored.
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     censored: bool = False
-    gen_metadata: list[dict[str, Any]] = Field(default_factory=list, max_length=50)
+    gen_metadata: SubmittedMetadata = Field(default_factory=list)
 
 
 class JobSubmitResponse(BaseModel):
@@ -90,7 +101,7 @@ class WorkerKudosDetails(BaseModel):
 
 
 class WorkerDetails(BaseModel):
-    type: Literal["image", "text"]
+    type: Literal["image", "text", "interrogation"]
     name: str
     id: str
     maintenance_mode: bool

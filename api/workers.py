@@ -3,8 +3,9 @@ thin; the rules live here.
 
 Statement budget (pinned by tests): an image pop is 5 statements whether it hands out work or
 not (user, worker, worker update, claim candidates, then the claim update or the `skipped`
-count), plus 3 when an uptime bonus falls due; a submit is 2 (user, job) plus the finish
-(compare-and-set, queue entry, speed, ledger, worker counters).
+count), plus 3 when an uptime bonus is paid and 2 or 3 on a new worker's first pop (its
+owner's workers counted, after locking the owner on PostgreSQL; the insert); a submit is 2
+(user, job) plus the finish (compare-and-set, queue entry, speed, ledger, worker counters).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from typing import NamedTuple
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from api import ledger
 from api.db import queue
@@ -32,20 +33,47 @@ from api.worker_schemas import (
 )
 
 CENSORED_PLACEHOLDER_KEY = "placeholders/censored.webp"
+# The cluster's own workers are named under this prefix (cluster/dispatcher.py cluster_worker,
+# cluster/alchemy_runner.py): a worker of anyone else's by such a name would stop the
+# dispatcher registering its own.
+RESERVED_NAME_PREFIX = "rayhorde-cluster/"
 
 
 def image_key(request_id: str, generation_id: str) -> str:
+    """Where a finished generation's image is kept: written by the API only, never by a
+    worker (workers upload to `upload_key`)."""
     return f"images/{request_id}/{generation_id}.webp"
+
+
+def upload_key(job_id: str, claim_id: str) -> str:
+    """Where the worker holding one claim of a job uploads its result. Named by the job and the
+    claim, never by the request (whose id lets anyone read and cancel all of it); each claim
+    has its own object, so an upload from a claim that has moved on is never taken for the
+    current one's."""
+    return f"uploads/{job_id}/{claim_id}.webp"
+
+
+def check_worker_name(name: str) -> None:
+    """Refuse the names reserved for the cluster's own workers, whatever their case or the
+    spaces around them (no look-alikes either)."""
+    if name.strip().lower().startswith(RESERVED_NAME_PREFIX):
+        raise HordeError(400, "ReservedWorkerName",
+                         f"name: names starting with {RESERVED_NAME_PREFIX!r} are reserved for "
+                         "this horde's own workers")
 
 
 def worker_for_pop(ctx: Context, session, user: User, name: str, worker_type: str,
                    declared: dict, now: float, kind: str = "http") -> Worker:
     """The caller's worker `name`, created on its first pop, updated with what it `declared`
     now (Worker columns); its uptime, and the uptime bonus when one falls due. A name belongs to
-    the user who first used it, and serves one type (image or text)."""
+    the user who first used it, and serves one type (image, text or interrogation); a user has
+    at most `max_workers_per_user` of them (trusted users and moderators
+    `max_workers_trusted`)."""
     s = ctx.settings
+    check_worker_name(name)
     worker = session.execute(select(Worker).where(Worker.name == name)).scalar_one_or_none()
     if worker is None:
+        _check_worker_count(ctx, session, user)
         worker = Worker(id=str(uuid.uuid4()), name=name, owner_id=user.id, kind=kind,
                         type=worker_type, models=[], last_seen=now, created_at=now,
                         last_bonus_at=now)
@@ -63,13 +91,33 @@ def worker_for_pop(ctx: Context, session, user: User, name: str, worker_type: st
                          + ": its owner can end it with PUT /api/v2/workers/{id}")
     online = now - worker.last_seen < s.stale_worker_seconds
     uptime = worker.uptime_seconds + (now - worker.last_seen if online else 0.0)
-    bonus_due = online and now - worker.last_bonus_at >= s.uptime_bonus_seconds
+    period_over = online and now - worker.last_bonus_at >= s.uptime_bonus_seconds
+    # Only work earns the bonus: a period in which the worker finished a job for someone else
+    # (api/db/queue.py finish_in keeps last_job_at), so popping alone, under any number of
+    # names, mints nothing.
+    worked = worker.last_job_at is not None and worker.last_job_at >= worker.last_bonus_at
     session.execute(update(Worker).where(Worker.id == worker.id).values(
         **declared, last_seen=now, uptime_seconds=uptime,
-        last_bonus_at=now if bonus_due or not online else worker.last_bonus_at))
-    if bonus_due and s.uptime_bonus_kudos:
+        last_bonus_at=now if period_over or not online else worker.last_bonus_at))
+    if period_over and worked and s.uptime_bonus_kudos:
         ledger.award(session, user.id, s.uptime_bonus_kudos, kind="uptime", ref=worker.id)
     return worker
+
+
+def _check_worker_count(ctx: Context, session, user: User) -> None:
+    """Refuse a new worker past the owner's cap (403 TooManyWorkers). The owner's row is locked
+    first on PostgreSQL, so first pops under new names at once cannot pass the cap together."""
+    s = ctx.settings
+    cap = s.max_workers_trusted if user.trusted or user.moderator else s.max_workers_per_user
+    if session.bind.dialect.name == "postgresql":
+        session.execute(select(User.id).where(User.id == user.id).with_for_update())
+    owned = session.execute(select(func.count()).select_from(
+        select(Worker.id).where(Worker.owner_id == user.id, Worker.kind == "http")
+        .limit(cap).subquery())).scalar_one()
+    if owned >= cap:
+        raise HordeError(403, "TooManyWorkers",
+                         f"name: you have {owned} workers, the most your account may have; pop "
+                         "with one of their names, or rename one (PUT /api/v2/workers/{id})")
 
 
 def is_slow(ctx: Context, worker: Worker) -> bool:
@@ -151,6 +199,7 @@ def pop_image(ctx: Context, user: User, body: ImagePopInput) -> ImagePopResponse
         "width": p["width"], "height": p["height"], "sampler_name": p["sampler_name"],
         "cfg_scale": p["cfg_scale"], "karras": p["karras"], "clip_skip": p["clip_skip"],
         "tiling": p["tiling"], "hires_fix": p["hires_fix"], "post_processing": p["post_processing"],
+        "facefixer_strength": p.get("facefixer_strength"),
         "use_nsfw_censor": first.censor_nsfw, "transparent": p.get("transparent", False),
         "hires_fix_denoising_strength": p.get("hires_fix_denoising_strength"),
         "loras": p.get("loras", []), "tis": p.get("tis", []),
@@ -164,7 +213,8 @@ def pop_image(ctx: Context, user: User, body: ImagePopInput) -> ImagePopResponse
     if first.source_image_key is not None:
         payload["denoising_strength"] = p.get("denoising_strength")
     ids = [j.generation_id for j in jobs]
-    uploads = [ctx.storage.upload_url(image_key(j.request_id, j.generation_id), first.ttl + 60)
+    # Each valid as long as its claim: its deadline is now + ttl too.
+    uploads = [ctx.storage.upload_url(upload_key(j.generation_id, j.claim_id), j.ttl)
                for j in jobs]
     # The stored source and mask, as URLs the worker downloads (valid for the job's time).
     source = mask = extras = None
@@ -193,36 +243,43 @@ class Held(NamedTuple):
 
 
 def record(ctx: Context, user: User, generation_id: str, state: str,
-           result: Callable[[Held], queue.Result]) -> float:
+           result: Callable[[Held], queue.Result]) -> tuple[float, Held]:
     """A worker's submit, image or text: the job must be held by one of `user`'s workers; a
     fault hands it back to the queue, anything else is recorded exactly once through
-    `result(held)`. Returns the reward credited to `user`."""
+    `result(held)`. Returns the reward credited to `user`, and the claim it was for."""
     now = time.time()
     with ctx.db.write() as session:
         held = held_by(session, user, generation_id)
         if state == "faulted":
             queue.release_in(session, [(generation_id, held.claim_id)],
                              f"worker {held.worker_name} reported a fault", ctx.settings.max_attempts)
-            return 0.0
+            return 0.0, held
         finished = queue.finish_in(session, [result(held)], now)
         if not finished:  # another submit of the same job won the compare-and-set
             raise HordeError(400, "DuplicateGen", f"id: generation {generation_id} was already submitted")
-        return finished[0].reward
+        return finished[0].reward, held
 
 
 def submit_image(ctx: Context, user: User, body: JobSubmitInput) -> float:
     def result(held: Held) -> queue.Result:
-        key = _store_result(ctx, body, image_key(held.request_id, body.id))
+        key = _store_result(ctx, body, upload_key(body.id, held.claim_id),
+                            image_key(held.request_id, body.id))
         metadata = list(body.gen_metadata)
-        if body.state == "csam":
-            metadata.append({"type": "censorship", "value": "csam"})
+        censored = body.state in ("censored", "csam") or body.censored
+        if censored and not any(m.get("type") == "censorship" for m in metadata):
+            metadata.append({"type": "censorship", "value": "csam" if body.state == "csam" else "nsfw"})
         return queue.Result(
             generation_id=body.id, claim_id=held.claim_id, storage_key=key,
             seed=body.seed if body.seed is not None else held.seed, worker_id=held.worker_id,
             worker_name=held.worker_name, owner_id=user.id,
-            censored=body.state in ("censored", "csam") or body.censored, gen_metadata=metadata)
+            censored=censored, gen_metadata=metadata)
 
-    return record(ctx, user, body.id, body.state, result)
+    reward, held = record(ctx, user, body.id, body.state, result)
+    if body.state == "faulted" or body.generation == "R2":
+        # Once committed: the result was copied under its final key (or the claim ended), and
+        # a submit that failed before this point keeps its upload, to be sent again.
+        ctx.storage.delete(upload_key(body.id, held.claim_id))
+    return reward
 
 
 def held_by(session, user: User, generation_id: str) -> Held:
@@ -248,38 +305,65 @@ def held_by(session, user: User, generation_id: str) -> Held:
     return Held(claim_id, worker_id, worker_name, seed, request_id)
 
 
-def _store_result(ctx: Context, body: JobSubmitInput, key: str) -> str:
-    """Where the result's image is: uploaded by the worker to its upload URL ("R2"), or sent
-    inline as base64 WebP. CSAM is never kept; the requester gets the placeholder."""
-    if body.state == "csam":
-        if ctx.storage.exists(key):
-            ctx.storage.delete(key)
-        return censored_placeholder(ctx)
-    if body.generation == "R2":
-        if not ctx.storage.exists(key):
-            raise HordeError(400, "MissingUpload",
-                             "generation: 'R2' but nothing was uploaded to this job's r2_upload URL")
-        return key
+def _store_result(ctx: Context, body: JobSubmitInput, upload: str, key: str) -> str:
+    """Store the result's image under `key`: uploaded by the worker to its claim's URL
+    (`upload`, "R2"), or sent inline as base64 WebP. A censored or CSAM image is never kept;
+    the requester gets the placeholder (so a worker that censors need not upload anything)."""
+    if body.state in ("csam", "censored") or body.censored:
+        ctx.storage.delete(upload)
+        return censored_placeholder(ctx.storage)
+    return store_result_image(ctx, body.generation, upload, key, "generation")
+
+
+def store_result_image(ctx: Context, value: str, upload: str, key: str, field: str) -> str:
+    """A worker's image result stored under `key`: "R2" (it uploaded to its claim's URL,
+    `upload`) or inline base64 WebP; `field` names it in errors. Shared by image jobs and
+    alchemy's post-processor forms."""
+    if value == "R2":
+        return take_upload(ctx, upload, key, field)
     try:
-        data = base64.b64decode(body.generation, validate=True)
+        data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise HordeError(400, "BadRequest", "generation: neither 'R2' nor base64 image data") from None
+        raise HordeError(400, "BadRequest", f"{field}: neither 'R2' nor base64 image data") from None
     if not data:
-        raise HordeError(400, "BadRequest", "generation: empty image")
+        raise HordeError(400, "BadRequest", f"{field}: empty image")
+    check_result_size(ctx, len(data), field)
     ctx.storage.put(key, data, "image/webp")
     return key
 
 
-def censored_placeholder(ctx: Context) -> str:
+def take_upload(ctx: Context, upload: str, key: str, field: str) -> str:
+    """A claim's uploaded result, checked (a presigned S3 upload cannot be capped, so its size
+    is checked here) and copied under `key`, which no worker can write: later uploads change
+    nothing the requester reads. The caller deletes `upload` once its transaction commits."""
+    size = ctx.storage.size(upload)
+    if size is None:
+        raise HordeError(400, "MissingUpload",
+                         f"{field}: 'R2' but nothing was uploaded to this job's r2_upload URL")
+    if size > ctx.settings.max_upload_bytes:
+        ctx.storage.delete(upload)  # a result that fits may be uploaded in its place
+        check_result_size(ctx, size, field)
+    ctx.storage.copy(upload, key)
+    return key
+
+
+def check_result_size(ctx: Context, size: int, field: str) -> None:
+    cap = ctx.settings.max_upload_bytes
+    if size > cap:
+        raise HordeError(400, "UploadTooLarge",
+                         f"{field}: the result is {size} bytes; results may be at most {cap}")
+
+
+def censored_placeholder(storage) -> str:
     """The image a censored generation shows: a plain grey WebP, stored once."""
-    if not ctx.storage.exists(CENSORED_PLACEHOLDER_KEY):
+    if not storage.exists(CENSORED_PLACEHOLDER_KEY):
         import io
 
         from PIL import Image
 
         buf = io.BytesIO()
         Image.new("RGB", (64, 64), (128, 128, 128)).save(buf, format="WEBP")
-        ctx.storage.put(CENSORED_PLACEHOLDER_KEY, buf.getvalue(), "image/webp")
+        storage.put(CENSORED_PLACEHOLDER_KEY, buf.getvalue(), "image/webp")
     return CENSORED_PLACEHOLDER_KEY
 
 
@@ -325,4 +409,4 @@ def submit_text(ctx: Context, user: User, body: TextSubmitInput) -> float:
         generation_id=body.id, claim_id=held.claim_id, storage_key=None, seed=held.seed,
         worker_id=held.worker_id, worker_name=held.worker_name, owner_id=user.id,
         censored=body.state in ("censored", "csam"), gen_metadata=list(body.gen_metadata),
-        text="" if body.state == "csam" else body.generation))
+        text="" if body.state == "csam" else body.generation))[0]

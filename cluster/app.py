@@ -6,6 +6,7 @@ dispatcher, and one deployment per model family that the config serves.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -13,6 +14,7 @@ from ray.serve import Application
 
 from api.db.migrate import upgrade
 from api.db.session import get_database
+from api.installation_secret import digest
 from api.settings import Settings
 from models.catalog import Family, load_catalog
 
@@ -28,6 +30,9 @@ class VolunteerArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
     poll_seconds: float = Field(1.0, gt=0)
+    # A node's replica not running this long after its deploy started is removed (and the
+    # node serves nothing); dispatching goes on meanwhile.
+    deploy_timeout_seconds: float = Field(600.0, gt=0)
     # Per family, the Ray actor options of a volunteer node's replica; default one GPU when
     # the node has any, else half a CPU.
     actor_options: dict[Family, dict] = Field(default_factory=dict)
@@ -41,13 +46,15 @@ class AppArgs(BaseModel):
     families: dict[Family, FamilyConfig] = Field(default_factory=dict)
     poll_seconds: float = 1.0
     volunteers: VolunteerArgs = Field(default_factory=VolunteerArgs)
+    # Alchemy forms (api/alchemy/) the cluster runs at once on its own deployments.
+    alchemy_max_in_flight: int = Field(4, ge=1, le=64)
     # False: the API alone, no dispatcher and no model deployments; the queue is then drained
     # only by workers from outside (benchmarks of the API use this too).
     dispatch: bool = True
 
 
-def _absolute(settings: Settings) -> Settings:
-    """Replicas do not share the driver's working directory: make local paths absolute."""
+def _absolute(settings: Settings) -> dict:
+    """Replicas do not share the driver's working directory: local paths made absolute."""
     updates = {}
     if settings.database_url.startswith("sqlite:///") and not settings.database_url.startswith(
         "sqlite:////"
@@ -57,7 +64,32 @@ def _absolute(settings: Settings) -> Settings:
     updates["storage_dir"] = str(Path(settings.storage_dir).resolve())
     updates["catalog_path"] = str(Path(settings.catalog_path).resolve())
     updates["adapter_catalog_path"] = str(Path(settings.adapter_catalog_path).resolve())
-    return settings.model_copy(update=updates)
+    return updates
+
+
+def from_environment(given: dict) -> list[str]:
+    """The settings this process reads from RAYHORDE_* variables (not given in the config)."""
+    present = {name.upper() for name in os.environ}
+    return [name for name in Settings.model_fields if name not in given
+            and name != "env_digests" and f"RAYHORDE_{name.upper()}" in present]
+
+
+def replica_settings(given: dict) -> tuple[Settings, dict]:
+    """The build's settings, and the `settings` its replicas get: the config's own, with local
+    paths made absolute. What the build read from its environment (the database URL, the key
+    salt: secrets) is not passed on: each replica reads it from its own environment (the
+    cluster node's, or the application's runtime_env) and refuses to start when it finds a
+    different value (`env_digests`, fingerprints only). A key salt made on this node (none
+    configured) is passed on: other nodes cannot read its file."""
+    settings = Settings(**given)
+    absolute = _absolute(settings)
+    settings = settings.model_copy(update=absolute)
+    plain = {**given, **absolute}
+    from_env = [name for name in from_environment(given) if name not in plain]
+    if "key_salt" not in given and "key_salt" not in from_env:
+        plain["key_salt"] = settings.key_salt
+    plain["env_digests"] = {name: digest(getattr(settings, name)) for name in from_env}
+    return settings, plain
 
 
 def adapter_catalog(settings: Settings) -> dict:
@@ -70,15 +102,13 @@ def adapter_catalog(settings: Settings) -> dict:
 
 
 def postprocessors(settings: Settings, catalog) -> list[dict]:
-    """The post-processors the cluster serves: every one with builtin random weights (the
-    embedded default), or the catalog's entries (published weights the operator supplies)."""
-    from models.postprocess.registry import POST_PROCESSORS, PostProcessorEntry
+    """The post-processors the cluster serves (Catalog.served_postprocessors)."""
+    return [e.model_dump(mode="json") for e in catalog.served_postprocessors(settings.postprocessor_weights)]
 
-    if settings.postprocessor_weights == "builtin":
-        entries = [PostProcessorEntry(name=n) for n in POST_PROCESSORS]
-    else:
-        entries = catalog.postprocessors
-    return [e.model_dump(mode="json") for e in entries]
+
+def alchemy_models(settings: Settings, catalog) -> list[dict]:
+    """Caption, interrogation and the NSFW classifier (Catalog.served_alchemy)."""
+    return [e.model_dump(mode="json") for e in catalog.served_alchemy(settings.alchemy_weights)]
 
 
 def family_deployments():
@@ -96,12 +126,12 @@ def family_deployments():
 def build(args: dict) -> Application:
     from api.ingress import ApiIngress
     from cluster.dispatcher import Dispatcher
+    from deployments.alchemy import AlchemyDeployment
     from deployments.postprocess import PostProcessDeployment
 
     app_args = AppArgs.model_validate(args or {})
-    settings = _absolute(Settings(**app_args.settings))
+    settings, plain = replica_settings(app_args.settings)
     upgrade(get_database(settings.database_url))
-    plain = settings.model_dump(mode="json")
     if not app_args.dispatch:
         return ApiIngress.bind(plain, None)
     catalog = load_catalog(settings.catalog_path)
@@ -121,7 +151,11 @@ def build(args: dict) -> Application:
             "models": [e.name for e in entries], "max_in_flight": cfg.max_in_flight,
         }
     volunteers = app_args.volunteers.model_dump(mode="json")
-    dispatcher = Dispatcher.bind(plain, families, poll_seconds=app_args.poll_seconds,
-                                 volunteers=volunteers,
-                                 postprocess=PostProcessDeployment.bind(postprocessors(settings, catalog)))
+    post = postprocessors(settings, catalog)
+    clip = alchemy_models(settings, catalog)
+    dispatcher = Dispatcher.bind(
+        plain, families, poll_seconds=app_args.poll_seconds, volunteers=volunteers,
+        postprocess={"handle": PostProcessDeployment.bind(post), "names": [e["name"] for e in post]},
+        alchemy={"handle": AlchemyDeployment.bind(clip, settings.nsfw_strictness), "forms": [e["name"] for e in clip],
+                 "max_in_flight": app_args.alchemy_max_in_flight})
     return ApiIngress.bind(plain, dispatcher)

@@ -118,7 +118,9 @@ class VolunteerBridge:
                             OWNER_LABEL)
                 return None
             families = [f for f in offered if f in self.served]
-            name = f"node-{owner.username}-{node_id[:8]}"[:100]
+            name = f"node-{owner.username}-{node_id[:8]}"
+            if len(name) > 100:  # shortened, it must still be this node's alone: 32 of its id
+                name = f"node-{owner.username[:62]}-{node_id[:32]}"
             worker = session.execute(select(Worker).where(Worker.node_id == node_id)
                                      ).scalar_one_or_none()
             if worker is None:

@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     add_node_parsers(sub)
     from cluster.http_worker import add_parser as add_worker_parser
     add_worker_parser(sub)
+    from cluster.run_cli import add_parser as add_run_parser
+    add_run_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -9,7 +9,12 @@ expire (or are released when the next dispatcher starts) and the work is done ag
 
 It also runs the volunteer bridge (cluster/bridge.py): for each volunteer node that joins, one
 application per family it offers, pinned to the node, and a route that claims work as the
-node's worker; when the node goes, the routes and applications go with it.
+node's worker; when the node goes, the routes and applications go with it. Those deploys run
+beside the dispatch loop, each given up after a timeout.
+
+Nothing waits without end: each call to a replica has its job's TTL as deadline (then it is
+cancelled and its claim released), calls whose generations were cancelled are stopped, and
+the health check fails when the loop itself stops making rounds, so Serve replaces it.
 """
 
 from __future__ import annotations
@@ -22,13 +27,17 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from ray import serve
+from sqlalchemy import select
 
 from api import ledger
+from api.alchemy import forms as alchemy_forms
 from api.db import queue
-from api.db.models import Worker
+from api.db.models import Generation, Worker
 from api.db.session import get_database
 from api.settings import Settings
 from api.storage import make_storage
+from api.workers import censored_placeholder
+from cluster.alchemy_runner import AlchemyRunner
 from cluster.bridge import NODE_ID_LABEL, VolunteerBridge
 from deployments import workflows
 from deployments.jobs import ImageJob, JobRejected, TextJob, is_rejection
@@ -39,6 +48,19 @@ log = logging.getLogger("ray.serve")
 REPLICA_COUNT_SECONDS = 10.0
 UNLIMITED = 2**31 - 1  # text limits are checked against the catalog when requests arrive
 VOLUNTEER_PAUSE_SECONDS = 30.0
+# A volunteer node's replica not running this long after its deploy started (no free GPU on
+# the node, a model that never loads) is removed; the deploy runs beside dispatching.
+VOLUNTEER_DEPLOY_SECONDS = 600.0
+DEPLOY_POLL_SECONDS = 1.0
+# check_health fails when no dispatch round has ended for STALL_ROUNDS polls (and at least
+# MIN_STALL_SECONDS): Serve then replaces this replica, and its claims go back to the queue.
+STALL_ROUNDS = 60
+MIN_STALL_SECONDS = 60.0
+CANCEL_CHECK_SECONDS = 1.0  # how often generations in flight are checked for cancellation
+# Text streams followed at once (each holds one of this replica's max_ongoing_requests), and
+# of one generation (one requester's stream, a retry or two).
+MAX_FOLLOWERS = 256
+MAX_FOLLOWERS_PER_GENERATION = 4
 
 
 def cluster_worker(family: str) -> tuple[str, str]:
@@ -76,6 +98,27 @@ def any_model_of(entries: list[dict]) -> str:
     return next((e["name"] for e in entries if not e.get("inpainting")), "")
 
 
+def volunteer_app_name(node_id: str, family: Family) -> str:
+    return f"volunteer-{node_id[:12]}-{family.value}"
+
+
+async def until_done(response):
+    """Await a Serve call. When the awaiting task is cancelled (its job's deadline passed, its
+    generation was cancelled), the call is cancelled on the replica too, so it stops holding
+    a slot there."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
+
+
+def cancelled_among(db, generation_ids: list[str]) -> set[str]:
+    with db.read() as session:
+        return set(session.scalars(select(Generation.id).where(
+            Generation.id.in_(generation_ids), Generation.state == "cancelled")))
+
+
 def batches(jobs: list[queue.ClaimedJob]) -> list[list[queue.ClaimedJob]]:
     grouped: dict[tuple[str, str], list[queue.ClaimedJob]] = defaultdict(list)
     for job in jobs:
@@ -93,7 +136,7 @@ def register_cluster_workers(db, routes: dict[str, FamilyRoute], replicas: dict[
             worker = session.get(Worker, route.worker_id)
             if worker is None:
                 worker = Worker(id=route.worker_id, name=route.worker_name, owner_id=owner,
-                                kind="cluster", type="image", created_at=now, last_bonus_at=now,
+                                kind="cluster", type=route.kind, created_at=now, last_bonus_at=now,
                                 bridge_agent="rayhorde dispatcher", nsfw=True,
                                 max_pixels=3072 * 3072)
                 session.add(worker)
@@ -110,14 +153,23 @@ def register_cluster_workers(db, routes: dict[str, FamilyRoute], replicas: dict[
 class Dispatcher:
     def __init__(self, settings: dict, families: dict[str, dict], poll_seconds: float = 1.0,
                  expire_seconds: float = 5.0, volunteers: dict | None = None,
-                 postprocess: object | None = None):
+                 postprocess: object | None = None, alchemy: dict | None = None):
         """`families`: per family, the deployment's handle, its models (names and catalog
         entries) and max_in_flight. `volunteers`: {"enabled": bool, "poll_seconds": float,
-        "actor_options": {family: ray_actor_options of a volunteer node's replica}}."""
+        "actor_options": {family: ray_actor_options of a volunteer node's replica}}.
+        `postprocess`: {"handle", "names"} of the post-processing deployment; `alchemy`:
+        {"handle", "forms", "max_in_flight"} of the alchemy deployment (caption,
+        interrogation, nsfw), which also checks images for censor_nsfw."""
         self.settings = Settings(**settings)
-        self.postprocess = postprocess  # DeploymentHandle of the post-processing deployment
         self.db = get_database(self.settings.database_url)
         self.storage = make_storage(self.settings)
+        postprocess, alchemy = postprocess or {}, alchemy or {}
+        self.postprocess = postprocess.get("handle")  # DeploymentHandle, or None
+        self.alchemist = AlchemyRunner(
+            self.db, self.storage, self.settings.max_attempts, alchemy=alchemy.get("handle"),
+            postprocess=self.postprocess, clip_forms=list(alchemy.get("forms", [])),
+            postprocessors=list(postprocess.get("names", [])),
+            max_in_flight=int(alchemy.get("max_in_flight", 4)))
         self.routes = {
             name: FamilyRoute(handle=f["handle"], models=list(f["models"]),
                               max_in_flight=int(f.get("max_in_flight", 4)),
@@ -129,18 +181,25 @@ class Dispatcher:
         # Streams of text being generated here, by generation id (see follow()), and the text
         # each in-flight generation has so far.
         self._followers: dict[str, list[asyncio.Queue]] = defaultdict(list)
+        self._follower_count = 0
         self._partial: dict[str, str] = {}
         self.poll_seconds, self.expire_seconds = poll_seconds, expire_seconds
+        self.stall_seconds = max(STALL_ROUNDS * poll_seconds, MIN_STALL_SECONDS)
+        self._round_ended = time.monotonic()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        # The generations each family call in flight works on (see _stop_cancelled).
+        self._running: dict[asyncio.Task, list[str]] = {}
         self.completed = 0
         self.owner_id = register_cluster_workers(self.db, self.routes, {})
         self.families = families
         self.volunteers = {"enabled": True, "poll_seconds": 1.0, "actor_options": {},
+                           "deploy_timeout_seconds": VOLUNTEER_DEPLOY_SECONDS,
                            **(volunteers or {})}
         self.bridge = VolunteerBridge(self.db, self.settings,
                                       {Family(n): list(f["models"]) for n, f in families.items()})
         self.volunteer_routes: dict[str, list[FamilyRoute]] = {}
+        self._deploying: dict[str, asyncio.Task] = {}  # by node id
         # Whatever a previous dispatcher had in flight died with it: hand it back now rather
         # than waiting for the deadlines.
         for route in self.routes.values():
@@ -155,7 +214,9 @@ class Dispatcher:
 
     async def stats(self) -> dict:
         return {"completed": self.completed,
-                "in_flight": {n: r.in_flight for n, r in self.routes.items()}}
+                "in_flight": {n: r.in_flight for n, r in self.routes.items()},
+                # Volunteer nodes the bridge has looked at and refused (their key names no user).
+                "refused_nodes": sorted(self.bridge.refused)}
 
     async def follow(self, generation_id: str):
         """Stream the text of a generation as this dispatcher's LLM replicas produce it. The
@@ -163,16 +224,26 @@ class Dispatcher:
         far ("" when it has not started). Then str deltas, ending when the generation is
         finished and recorded. A generation that runs elsewhere (an HTTP worker) or already
         ended yields nothing more until the caller gives up, so callers also watch the
-        database (api/openai_api.py)."""
+        database (api/openai_api.py).
+
+        At most MAX_FOLLOWERS_PER_GENERATION streams follow one generation and MAX_FOLLOWERS
+        in all; past that the first item is None and the stream ends: the caller then takes
+        the text from the database once it is recorded."""
+        if (self._follower_count >= MAX_FOLLOWERS or
+                len(self._followers.get(generation_id, ())) >= MAX_FOLLOWERS_PER_GENERATION):
+            yield None
+            return
         deltas: asyncio.Queue = asyncio.Queue()
         # No await between reading the partial text and subscribing: no delta is lost or
         # sent twice.
         self._followers[generation_id].append(deltas)
-        yield self._partial.get(generation_id, "")
-        try:
+        self._follower_count += 1
+        try:  # from the first item on: a caller may go away at any of them
+            yield self._partial.get(generation_id, "")
             while (delta := await deltas.get()) is not None:
                 yield delta
         finally:
+            self._follower_count -= 1
             followers = self._followers.get(generation_id, [])
             if deltas in followers:
                 followers.remove(deltas)
@@ -190,12 +261,15 @@ class Dispatcher:
     async def check_health(self) -> None:
         if self._loop.done():
             raise RuntimeError(f"dispatch loop ended: {self._loop.exception()!r}")
+        stalled = time.monotonic() - self._round_ended
+        if stalled > self.stall_seconds:
+            raise RuntimeError(f"dispatching stalled: no round has ended for {stalled:.0f} s")
 
     def _all_routes(self) -> list[FamilyRoute]:
         return [*self.routes.values(), *(r for rs in self.volunteer_routes.values() for r in rs)]
 
     async def _run_forever(self) -> None:
-        last_expire = last_refresh = last_bridge = 0.0
+        last_expire = last_refresh = last_bridge = last_cancel_check = 0.0
         while True:
             try:
                 if self.volunteers["enabled"] and \
@@ -207,52 +281,110 @@ class Dispatcher:
                     await asyncio.to_thread(queue.expire, self.db, self.settings.max_attempts,
                                             max_consecutive_drops=self.settings.max_consecutive_drops)
                     await asyncio.to_thread(self._delete_ended_sources)
+                    await asyncio.to_thread(alchemy_forms.expire, self.db, self.settings.max_attempts)
+                    await asyncio.to_thread(alchemy_forms.delete_ended_sources, self.db, self.storage)
                 if time.monotonic() - last_refresh > REPLICA_COUNT_SECONDS:
                     last_refresh = time.monotonic()
                     replicas = await asyncio.to_thread(self._replica_counts)
                     await asyncio.to_thread(register_cluster_workers, self.db, self.routes, replicas)
+                    if self.alchemist.forms:
+                        await asyncio.to_thread(self.alchemist.register)
+                if self._running and time.monotonic() - last_cancel_check > CANCEL_CHECK_SECONDS:
+                    last_cancel_check = time.monotonic()
+                    await self._stop_cancelled()
                 await self._dispatch()
             except Exception:
                 log.exception("dispatch round failed; retrying")
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_seconds)
-            except asyncio.TimeoutError:
+            self._round_ended = time.monotonic()
+            try:  # not asyncio.wait_for: on 3.11 it can swallow this task's cancellation
+                async with asyncio.timeout(self.poll_seconds):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
             self._wake.clear()
 
     async def _refresh_volunteers(self) -> None:
         changes = await asyncio.to_thread(self.bridge.refresh)
         for node in changes.left:
-            for route in self.volunteer_routes.pop(node.node_id, []):
-                await asyncio.to_thread(serve.delete, route.app_name, _blocking=False)
+            deploying = self._deploying.pop(node.node_id, None)
+            if deploying is not None:
+                deploying.cancel()
+            self.volunteer_routes.pop(node.node_id, None)
+            for family in node.families:  # deployed or still deploying
+                await asyncio.to_thread(self._delete_app, volunteer_app_name(node.node_id, family))
         for node in changes.joined:
-            routes = []
-            for family in node.families:
-                try:
-                    routes.append(await asyncio.to_thread(self._deploy_on_node, node, family))
-                except Exception:
-                    log.exception("could not deploy %s on volunteer node %s", family.value,
-                                  node.node_id)
-            self.volunteer_routes[node.node_id] = routes
-            self._wake.set()
+            # Off the loop: a replica that cannot be placed (the node's one GPU already taken)
+            # must not hold up dispatching for the whole cluster.
+            self.volunteer_routes[node.node_id] = []
+            self._deploying[node.node_id] = self._spawn(self._deploy_node(node))
 
-    def _deploy_on_node(self, node, family: Family) -> FamilyRoute:
-        """The family's deployment as its own application, one replica pinned to the node."""
+    async def _deploy_node(self, node) -> None:
+        try:
+            await asyncio.gather(*(self._deploy_family(node, f) for f in node.families))
+        finally:
+            if self._deploying.get(node.node_id) is asyncio.current_task():
+                del self._deploying[node.node_id]
+
+    async def _deploy_family(self, node, family: Family) -> None:
+        """The family's deployment as its own application, one replica pinned to the node;
+        its route once the replica runs. Given up (and the application deleted) when it does
+        not run within `deploy_timeout_seconds`."""
+        app_name = volunteer_app_name(node.node_id, family)
+        timeout = float(self.volunteers["deploy_timeout_seconds"])
+        try:
+            async with asyncio.timeout(timeout):
+                deployment = await asyncio.to_thread(self._start_on_node, node, family, app_name)
+                while True:
+                    status, message = await asyncio.to_thread(self._app_status, app_name)
+                    if status == "RUNNING":
+                        break
+                    if status == "DEPLOY_FAILED":
+                        raise RuntimeError(message or "deploy failed")
+                    await asyncio.sleep(DEPLOY_POLL_SECONDS)
+        except Exception as exc:
+            why = (f"not running after {timeout:.0f} s" if isinstance(exc, TimeoutError)
+                   else repr(exc))
+            log.error("could not deploy %s on volunteer node %s (%s); removing it", family.value,
+                      node.node_id, why)
+            await asyncio.to_thread(self._delete_app, app_name)
+            return
+        if node.node_id not in self.volunteer_routes:  # the node left meanwhile
+            await asyncio.to_thread(self._delete_app, app_name)
+            return
+        f = self.families[family.value]
+        self.volunteer_routes[node.node_id].append(FamilyRoute(
+            handle=serve.get_deployment_handle(deployment, app_name), models=list(f["models"]),
+            max_in_flight=int(f.get("max_in_flight", 4)), worker_id=node.worker_id,
+            worker_name=node.worker_name, family=family, kind=family.kind, owner_id=node.owner_id,
+            any_model=any_model_of(f["entries"]), app_name=app_name))
+        self._wake.set()
+
+    def _start_on_node(self, node, family: Family, app_name: str) -> str:
+        """Start deploying the family's application on the node (not waiting for it to run);
+        returns the deployment's name."""
         from cluster.app import family_deployments
 
-        f = self.families[family.value]
         options = dict(self.volunteers["actor_options"].get(family.value)
                        or ({"num_gpus": 1} if node.gpus else {"num_cpus": 0.5}))
         options["label_selector"] = {NODE_ID_LABEL: node.node_id}
         deployment = family_deployments()[family].options(num_replicas=1, ray_actor_options=options)
-        app_name = f"volunteer-{node.node_id[:12]}-{family.value}"
-        serve.run(deployment.bind(*f["args"]), name=app_name, route_prefix=None)
-        return FamilyRoute(
-            handle=serve.get_deployment_handle(deployment.name, app_name), models=list(f["models"]),
-            max_in_flight=int(f.get("max_in_flight", 4)), worker_id=node.worker_id,
-            worker_name=node.worker_name, family=family, kind=family.kind, owner_id=node.owner_id,
-            any_model=any_model_of(f["entries"]),
-            app_name=app_name)
+        # Not serve.run: it would block until the replica runs, which may be never.
+        serve.run_many([serve.RunTarget(deployment.bind(*self.families[family.value]["args"]),
+                                        name=app_name, route_prefix=None)],
+                       wait_for_applications_running=False)
+        return deployment.name
+
+    def _app_status(self, app_name: str) -> tuple[str, str]:
+        app = serve.status().applications.get(app_name)
+        if app is None:
+            return "NOT_STARTED", ""
+        return getattr(app.status, "value", str(app.status)), app.message or ""
+
+    def _delete_app(self, app_name: str) -> None:
+        try:
+            serve.delete(app_name, _blocking=False)
+        except Exception:
+            log.warning("could not delete application %s", app_name, exc_info=True)
 
     def _credit(self, route: FamilyRoute, node_id: str | None) -> tuple[str, str, int]:
         """(worker id, worker name, owner id) a result is credited to: the volunteer node it
@@ -277,28 +409,55 @@ class Dispatcher:
             groups = batches(jobs) if route.kind == "image" else [[j] for j in jobs]
             for batch in groups:
                 route.in_flight += len(batch)
-                work = self._generate(route, batch) if route.kind == "image" else \
-                    self._generate_text(route, batch[0])
-                task = asyncio.get_event_loop().create_task(work)
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._generate(route, batch) if route.kind == "image" else
+                            self._generate_text(route, batch[0]),
+                            [j.generation_id for j in batch])
+        await self.alchemist.dispatch(self._spawn)
+
+    def _spawn(self, work, generation_ids: list[str] | None = None) -> asyncio.Task:
+        task = asyncio.get_event_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _t: self._wake.set())
+        if generation_ids:
+            self._running[task] = generation_ids
+            task.add_done_callback(lambda t: self._running.pop(t, None))
+        return task
+
+    async def _stop_cancelled(self) -> None:
+        """Stop the calls whose generations were all cancelled while in flight (a requester's
+        DELETE, an OpenAI stream whose client went away): nothing would record or bill their
+        result, and the replica's time goes back to the queue."""
+        ids = [g for gens in self._running.values() for g in gens]
+        cancelled = await asyncio.to_thread(cancelled_among, self.db, ids)
+        for task, gens in list(self._running.items()):
+            if all(g in cancelled for g in gens):
+                log.info("generations %s were cancelled; stopping their call", ", ".join(gens))
+                task.cancel()
 
     async def _generate(self, route: FamilyRoute, batch: list[queue.ClaimedJob]) -> None:
         claims = [(j.generation_id, j.claim_id) for j in batch]
+        ttl = batch[0].ttl
         try:
-            job = await asyncio.to_thread(self._image_job, route, batch)
-            if job.workflow.graph:  # a Ray task graph (deployments/workflows/), within the TTL
-                result = await asyncio.wait_for(
-                    workflows.run(job, route.handle, workflows.graph_options(self.settings)),
-                    timeout=batch[0].ttl)
-            else:
-                result = await route.handle.options(
-                    multiplexed_model_id=job.model
-                ).generate.remote(job)
-            if job.post_processing:  # graph nodes after the generation, on their own deployment
-                result = await self._post_process(job, result)
+            # Within the claim's TTL: past it the claim is no longer this dispatcher's, and a
+            # hung replica would hold the family's slot forever.
+            async with asyncio.timeout(ttl):
+                job = await asyncio.to_thread(self._image_job, route, batch)
+                if job.workflow.graph:  # a Ray task graph (deployments/workflows/)
+                    result = await workflows.run(job, route.handle,
+                                                 workflows.graph_options(self.settings))
+                else:
+                    result = await until_done(route.handle.options(
+                        multiplexed_model_id=job.model).generate.remote(job))
+                if job.post_processing:  # graph nodes after the generation, on their own deployment
+                    result = await self._post_process(job, result)
+                if batch[0].censor_nsfw:  # the requester asked (education accounts always do)
+                    flags = await self.alchemist.nsfw_flags(result["images"])
+                    result = {**result, "nsfw": flags}
             await asyncio.to_thread(self._store, route, batch, result)
             self.completed += len(batch)
+        except TimeoutError:
+            await self._failed(route, claims, TimeoutError(f"no result within the job's {ttl} s"))
         except Exception as exc:
             await self._failed(route, claims, exc)
         finally:
@@ -342,10 +501,18 @@ class Dispatcher:
             stream = route.handle.options(multiplexed_model_id=job.model, stream=True) \
                 .generate_stream.remote(TextJob.from_claim(job))
             result = None
-            async for item in stream:
-                if item["delta"]:
-                    self._tell_followers(job.generation_id, item["delta"])
-                result = item.get("result", result)
+            try:
+                async with asyncio.timeout(job.ttl):  # the claim's TTL, as for images
+                    async for item in stream:
+                        if item["delta"]:
+                            self._tell_followers(job.generation_id, item["delta"])
+                        result = item.get("result", result)
+            except TimeoutError:
+                stream.cancel()
+                raise TimeoutError(f"no result within the job's {job.ttl} s") from None
+            except asyncio.CancelledError:  # the generation was cancelled
+                stream.cancel()
+                raise
             if result is None:
                 raise RuntimeError("the text stream ended without a result")
             worker_id, worker_name, owner_id = self._credit(route, result.get("node_id"))
@@ -393,12 +560,18 @@ class Dispatcher:
         worker_id, worker_name, owner_id = self._credit(route, result.get("node_id"))
         results = []
         metadata = result.get("metadata") or [[] for _ in batch]  # the graphs' notes per image
-        for job, image, seed, notes in zip(batch, result["images"], result["seeds"], metadata, strict=True):
-            key = f"images/{job.request_id}/{job.generation_id}.webp"
-            self.storage.put(key, image, "image/webp")
+        flagged = result.get("nsfw") or [False] * len(batch)
+        for job, image, seed, notes, nsfw in zip(batch, result["images"], result["seeds"], metadata,
+                                                 flagged, strict=True):
+            if nsfw:  # never stored: the requester gets the placeholder, and pays nothing
+                key = censored_placeholder(self.storage)
+                notes = [*notes, {"type": "censorship", "value": "nsfw"}]
+            else:
+                key = f"images/{job.request_id}/{job.generation_id}.webp"
+                self.storage.put(key, image, "image/webp")
             results.append(queue.Result(
                 generation_id=job.generation_id, claim_id=job.claim_id, storage_key=key,
                 seed=seed, worker_id=worker_id, worker_name=worker_name,
-                owner_id=owner_id, gen_metadata=notes,
+                owner_id=owner_id, gen_metadata=notes, censored=nsfw,
             ))
         queue.finish(self.db, results)

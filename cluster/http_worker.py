@@ -17,6 +17,8 @@ jobs in flight finish and are submitted, then Serve and Ray shut down and the pr
 
 Image and text jobs go to two worker records (a horde worker serves one type): NAME for images,
 and NAME-text for text when the worker serves both (NAME alone when it serves text only).
+Post-processing, NSFW censoring and alchemy forms (`--alchemy`, on a third record, NAME-alchemy)
+run on the cluster's post-processing and alchemy deployments: cluster/http_alchemist.py.
 
 The API key is never printed, logged or sent anywhere but the API: upload URLs (presigned S3 or
 the API's signed ones) get the bytes and no headers.
@@ -34,7 +36,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -42,7 +44,7 @@ from typing import Any, TextIO
 import httpx
 
 from api import sources
-from api.settings import Settings
+from cluster import http_alchemist as alchemist
 from deployments import workflows
 from deployments.jobs import SEED_SPACE, ImageJob, TextJob
 from models.catalog import Catalog, Family, ModelEntry, load_catalog
@@ -57,6 +59,8 @@ EXIT_OK, EXIT_CONFIG = 0, 2
 DEFAULT_MAX_LENGTH, DEFAULT_MAX_CONTEXT_LENGTH = 512, 2048
 # Submits that tell us the job is no longer ours; the loop goes on.
 GONE_RCS = ("RequestExpired", "AbortedGen", "DuplicateGen")
+SUBMIT_PATHS = {"image": "/api/v2/generate/submit", "text": "/api/v2/generate/text/submit",
+                "alchemy": "/api/v2/interrogate/submit"}
 
 
 class WorkerConfigError(ValueError):
@@ -88,6 +92,11 @@ class WorkerConfig:
     max_length: int | None = None  # text: None = the smallest limit of the text models' entries
     max_context_length: int | None = None
     nsfw: bool = False
+    nsfw_strictness: float = 0.0  # the NSFW checker's adjustment: higher flags more
+    post_processing: bool = True  # run the post-processors image jobs ask for
+    postprocessor_weights: str = "builtin"  # or "catalog": its postprocessors' weights
+    alchemy_weights: str = "builtin"  # or "catalog": its alchemy models' weights
+    alchemy: list[str] = field(default_factory=list)  # alchemy forms to pop (api/alchemy)
     catalog_path: str = str(DEFAULT_CATALOG)
     adapter_catalog_path: str = str(DEFAULT_ADAPTERS)  # the LoRAs and TIs it may load
     ray_address: str = "local"  # "local": a fresh private Ray, never one already running here
@@ -118,6 +127,9 @@ class WorkerConfig:
             raise WorkerConfigError("--threads: 1 to 50")
         if not 1 <= self.max_batch <= 20:
             raise WorkerConfigError("--max-batch: 1 to 20")
+        problem = alchemist.config_problem(self)
+        if problem:
+            raise WorkerConfigError(problem)
 
 
 @dataclass(frozen=True)
@@ -180,20 +192,16 @@ def plan_models(config: WorkerConfig, catalog: Catalog) -> ModelPlan:
 # ---------------------------------------------------------------------------------- jobs
 
 
-# Pop payload features this worker does not run yet; such a job is submitted as faulted
-# (the pop declares allow_post_processing / allow_controlnet false, so the horde sends none).
-NOT_RUN_HERE = ("post_processing",)
-
-
 def image_job(family: Family, model: str, payload: dict, count: int,
               source_processing: str | None = None, source_image: bytes | None = None,
-              source_mask: bytes | None = None, extra_sources: list[dict] | None = None) -> ImageJob:
+              source_mask: bytes | None = None, extra_sources: list[dict] | None = None,
+              post_processors: Collection[str] = ()) -> ImageJob:
     """An image pop's payload (and its downloaded source and mask) as the deployment's job
-    (deployments/jobs.py). Features this worker does not run raise UnsupportedJob; a payload
-    that makes no valid job raises JobRejected."""
-    refused = [key for key in NOT_RUN_HERE if payload.get(key)]
+    (deployments/jobs.py). Post-processors not among `post_processors` (those this worker
+    runs) raise UnsupportedJob; a payload that makes no valid job raises JobRejected."""
+    refused = [n for n in payload.get("post_processing") or [] if n not in post_processors]
     if refused:
-        raise UnsupportedJob(f"not run by this worker: {', '.join(refused)}")
+        raise UnsupportedJob(f"post_processing: not run by this worker: {', '.join(refused)}")
     return ImageJob.from_pop(family, model, payload, count, source_processing, source_image,
                              source_mask, extra_sources)
 
@@ -249,6 +257,8 @@ class PoppedJob:
 class WorkerStats:
     generations_done: int = 0
     generations_faulted: int = 0
+    forms_done: int = 0  # alchemy
+    forms_faulted: int = 0
     kudos_earned: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -310,6 +320,8 @@ class HttpWorker:
         self.stop_requested = threading.Event()
         self.fatal_error: str | None = None
         self.handles: dict[str, Any] = {}  # model name -> DeploymentHandle
+        self.extras = alchemist.plan(config, self.catalog, bool(self.plan.image_models))
+        self.extra_handles: dict[str, Any] = {}  # "postprocess", "alchemy" -> DeploymentHandle
         # Reentrant: the signal handler prints, and may interrupt the main thread mid-print.
         self._print_lock = threading.RLock()
         self._messages_seen: set[str] = set()
@@ -318,6 +330,7 @@ class HttpWorker:
         self.image_worker_name = config.name
         self.text_worker_name = (f"{config.name}-text"[:100] if self.plan.image_models
                                  else config.name)
+        self.alchemy_worker_name = f"{config.name}-alchemy"[:100]  # it always serves models too
 
     # -- output
 
@@ -349,7 +362,9 @@ class HttpWorker:
                      f"({', '.join(self.plan.image_models)}, max {self.config.max_pixels} px)",
                      self.plan.text_models and f"text worker {self.text_worker_name!r} "
                      f"({', '.join(self.plan.text_models)}, max_length {self.plan.max_length}, "
-                     f"max_context_length {self.plan.max_context_length})") if part))
+                     f"max_context_length {self.plan.max_context_length})",
+                     self.extras.forms and f"alchemy worker {self.alchemy_worker_name!r} "
+                     f"({', '.join(self.extras.forms)})") if part))
 
     def _whoami(self) -> str:
         with self._client() as client:
@@ -410,13 +425,14 @@ class HttpWorker:
             groups.append((family.value, classes[family], entries))
         if self.plan.text_entries:
             groups.append((Family.llm.value, LLMDeployment, self.plan.text_entries))
+        extras = alchemist.deployments(self.extras, self.config.nsfw_strictness)
         # Every deployment gets an equal share of our private Ray's CPUs and GPUs, so all fit
         # at once. On a cluster joined with --ray-address, whose totals are not ours to take:
         # --num-cpus (or 1 CPU) per deployment, and 1 GPU each where it has GPUs.
         resources = ray.cluster_resources()
         if self.config.ray_address == "local":
-            cpus = resources.get("CPU", 1.0) / len(groups)
-            gpus = resources.get("GPU", 0.0) / len(groups)
+            cpus = resources.get("CPU", 1.0) / (len(groups) + len(extras))
+            gpus = resources.get("GPU", 0.0) / (len(groups) + len(extras))
         else:
             cpus, gpus = (self.config.num_cpus or 1.0), min(1.0, resources.get("GPU", 0.0))
         options: dict[str, float] = {"num_cpus": cpus}
@@ -434,6 +450,13 @@ class HttpWorker:
             self._serve_apps.append(app_name)
             for entry in entries:
                 self.handles[entry.name] = handle
+        for name, cls, args in extras:
+            self.say(f"deploying {name}")
+            app_name = f"worker-{name}"
+            self.extra_handles[name] = serve.run(
+                cls.options(num_replicas=1, ray_actor_options=options).bind(*args),
+                name=app_name, route_prefix=None)
+            self._serve_apps.append(app_name)
 
     def _adapters(self) -> dict:
         """The LoRA / TI catalog for the image deployments, its cache folder made absolute
@@ -454,6 +477,7 @@ class HttpWorker:
             job = {"model": model, "prompt": "Hello", "seed": 0, "max_length": 1,
                    "max_context_length": 16}
             calls[model] = self._generate(model, job)
+        calls.update(alchemist.warm_up_calls(self.extras, self.extra_handles))
         for model, call in calls.items():
             try:
                 call.result(timeout_s=1800)
@@ -481,8 +505,10 @@ class HttpWorker:
             for t in loops:
                 t.join(timeout=0.2)
         s = self.stats
+        forms = (f", {s.forms_done} alchemy forms done, {s.forms_faulted} faulted"
+                 if self.extras.forms else "")
         self.say(f"stopped: {s.generations_done} generations done, {s.generations_faulted} "
-                 f"faulted, {s.kudos_earned:.2f} kudos earned")
+                 f"faulted{forms}, {s.kudos_earned:.2f} kudos earned")
         if self.fatal_error:
             self.say(f"error: {self.fatal_error}")
             return EXIT_CONFIG
@@ -510,7 +536,8 @@ class HttpWorker:
 
     def _loop(self, index: int) -> None:
         kinds = [k for k, models in (("image", self.plan.image_models),
-                                     ("text", self.plan.text_models)) if models]
+                                     ("text", self.plan.text_models),
+                                     ("alchemy", self.extras.forms)) if models]
         turn = index  # threads start on different kinds, so both kinds get popped at once
         with self._client() as client:
             while not self.stop_requested.is_set():
@@ -583,8 +610,11 @@ class HttpWorker:
                 "threads": c.threads, "bridge_agent": BRIDGE_AGENT,
                 # The workflows of deployments/diffusion and deployments/workflows run here; the
                 # others are not asked for.
-                "allow_img2img": True, "allow_painting": True, "allow_post_processing": False,
+                "allow_img2img": True, "allow_painting": True,
+                "allow_post_processing": bool(self.extras.postprocessors),
                 "allow_controlnet": True, "allow_sdxl_controlnet": True, "allow_lora": True}
+        elif kind == "alchemy":
+            path, body = "/api/v2/interrogate/pop", alchemist.pop_body(self, BRIDGE_AGENT)
         else:
             path, body = "/api/v2/generate/text/pop", {
                 "name": self.text_worker_name, "models": self.plan.text_models,
@@ -613,6 +643,8 @@ class HttpWorker:
             if text not in self._messages_seen:  # the same note comes with every pop
                 self._messages_seen.add(text)
                 self.say(text)
+        if kind == "alchemy":  # one form a pop
+            return next(iter(alchemist.form_jobs(answer)), None)
         ids = answer.get("ids") or []
         if not ids:
             return None
@@ -625,7 +657,10 @@ class HttpWorker:
                          source_mask=answer.get("source_mask"),
                          extra_source_images=list(answer.get("extra_source_images") or [])[:5])
 
-    def _run(self, client: httpx.Client, job: PoppedJob) -> None:
+    def _run(self, client: httpx.Client, job: PoppedJob | alchemist.FormJob) -> None:
+        if job.kind == "alchemy":
+            alchemist.run_and_submit(self, client, job)
+            return
         started = time.monotonic()
         try:
             if job.kind == "image":
@@ -643,7 +678,7 @@ class HttpWorker:
         reward, done, faulted = 0.0, 0, 0
         for gid, submission in results:
             earned = self._submit(client, job, gid, submission)
-            if submission["state"] == "ok" and earned is not None:
+            if submission["state"] in ("ok", "censored") and earned is not None:
                 reward, done = reward + earned, done + 1
             elif submission["state"] == "faulted":
                 faulted += 1
@@ -667,19 +702,24 @@ class HttpWorker:
                    "strength": e.get("strength", 1.0)} for i, e in enumerate(job.extra_source_images)]
         engine_job = image_job(family, job.model, job.payload, len(job.ids),
                                job.source_processing if source is not None else None, source,
-                               mask, extras)
+                               mask, extras, self.extras.postprocessor_names)
         timeout = max(1.0, job.deadline - time.monotonic())
         if engine_job.workflow.graph:  # the same Ray task graph the cluster runs
             result = asyncio.run(asyncio.wait_for(workflows.run(
-                engine_job, self.handles[job.model], workflows.graph_options(Settings())), timeout))
+                engine_job, self.handles[job.model], None), timeout))  # builtin annotators
         else:
             result = self._generate(job.model, engine_job).result(timeout_s=timeout)
+        result = alchemist.finish_images(self, job, engine_job, result)  # post-process, censor
         submissions = []
         metadata = result.get("metadata") or [[] for _ in job.ids]  # the graphs' notes per image
+        flagged = result.get("nsfw") or [False for _ in job.ids]
         with httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0)) as uploader:
-            for gid, url, image, seed, notes in zip(job.ids, job.uploads, result["images"],
-                                                    result["seeds"], metadata, strict=True):
-                if self._upload(uploader, job, url, image):
+            for gid, url, image, seed, notes, nsfw in zip(
+                    job.ids, job.uploads, result["images"], result["seeds"], metadata, flagged,
+                    strict=True):
+                if nsfw:  # never uploaded
+                    submissions.append((gid, alchemist.censored_submission(seed, notes)))
+                elif self._upload(uploader, job, url, image):
                     submissions.append((gid, {"state": "ok", "generation": "R2", "seed": seed,
                                               "gen_metadata": notes}))
                 else:
@@ -733,7 +773,7 @@ class HttpWorker:
     def _submit(self, client: httpx.Client, job: PoppedJob, gid: str,
                 submission: dict) -> float | None:
         """The reward, or None when the API did not take the result."""
-        path = "/api/v2/generate/submit" if job.kind == "image" else "/api/v2/generate/text/submit"
+        path = SUBMIT_PATHS[job.kind]
         # Finished work is worth submitting through an API restart, as long as the job is ours.
         r = self._call(client, "POST", path, json={"id": gid, **submission},
                        what=f"submit {gid[:8]}", deadline=job.deadline + 30)
@@ -823,7 +863,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="text: most tokens to generate (default: the models' catalog limit)")
     p.add_argument("--max-context-length", type=int, default=None,
                    help="text: longest prompt + generation (default: the models' catalog limit)")
-    p.add_argument("--nsfw", action="store_true", help="accept NSFW requests")
+    p.add_argument("--nsfw", action="store_true",
+                   help="accept NSFW requests (without it, every image is checked and a flagged "
+                        "one is censored)")
+    p.add_argument("--nsfw-strictness", type=float, default=0.0,
+                   help="added to the NSFW checker's scores, -1 to 1: higher censors more "
+                        "(default 0)")
+    p.add_argument("--no-post-processing", dest="post_processing", action="store_false",
+                   help="take no jobs that ask for post-processing (face fixers, upscalers, "
+                        "strip_background)")
+    p.add_argument("--postprocessor-weights", choices=alchemist.WEIGHTS, default="builtin",
+                   help="the post-processors' weights: builtin (tiny random ones, for trying "
+                        "things out) or those the catalog's postprocessors name")
+    p.add_argument("--alchemy-weights", choices=alchemist.WEIGHTS, default="builtin",
+                   help="caption, interrogation and NSFW models: builtin or the catalog's")
+    p.add_argument("--alchemy", nargs="+", default=[], metavar="FORM",
+                   help="also serve these alchemy forms (caption, interrogation, nsfw, or a "
+                        "post-processor's name) as the worker NAME-alchemy")
     p.add_argument("--catalog", default=str(DEFAULT_CATALOG), help="model catalog (YAML)")
     p.add_argument("--adapters", default=str(DEFAULT_ADAPTERS),
                    help="LoRA / textual inversion catalog (YAML); its allow_downloads lets this "
@@ -849,7 +905,12 @@ def worker_command(args: argparse.Namespace) -> int:
             models=[m.strip() for m in args.models.split(",") if m.strip()], name=args.name,
             max_pixels=args.max_pixels, threads=args.threads, max_batch=args.max_batch,
             max_length=args.max_length, max_context_length=args.max_context_length,
-            nsfw=args.nsfw, catalog_path=args.catalog, adapter_catalog_path=args.adapters,
+            nsfw=args.nsfw, nsfw_strictness=args.nsfw_strictness,
+            post_processing=args.post_processing,
+            postprocessor_weights=args.postprocessor_weights,
+            alchemy_weights=args.alchemy_weights,
+            alchemy=[f.strip() for a in args.alchemy for f in a.split(",") if f.strip()],
+            catalog_path=args.catalog, adapter_catalog_path=args.adapters,
             ray_address=args.ray_address,
             num_cpus=args.num_cpus, max_backoff_seconds=args.max_backoff, verbose=args.verbose)
     except WorkerConfigError as e:

@@ -200,7 +200,7 @@ class ImageJob(_Job):
         positive and negative, one seed per image counting up from the payload's seed."""
         positive, _, negative = str(payload.get("prompt") or "").partition("###")
         seed = str(payload.get("seed") if payload.get("seed") is not None else "").strip()
-        if not seed.isdigit():
+        if not (seed.isascii() and seed.isdigit()):
             raise JobRejected(f"seed: {payload.get('seed')!r} is not a number")
         first = int(seed) % SEED_SPACE
         params = {**payload, "steps": payload.get("ddim_steps", payload.get("steps"))}

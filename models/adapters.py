@@ -172,7 +172,7 @@ class LoraSpec(BaseModel):
 
     @model_validator(mode="after")
     def _version_is_number(self) -> "LoraSpec":
-        if self.is_version and not self.name.strip().isdigit():
+        if self.is_version and not (self.name.strip().isascii() and self.name.strip().isdigit()):
             raise ValueError("is_version needs a numeric name (a CivitAI model-version id)")
         return self
 

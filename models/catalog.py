@@ -14,7 +14,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.postprocess.registry import PostProcessorEntry
+from models.alchemy.registry import AlchemyModelEntry
+from models.postprocess.registry import POST_PROCESSORS, PostProcessorEntry
 
 
 class Family(str, Enum):
@@ -177,6 +178,22 @@ class Catalog(BaseModel):
     # Where the post-processors' published weights are (models/postprocess/registry.py); used
     # when the settings say postprocessor_weights: catalog.
     postprocessors: list[PostProcessorEntry] = Field(default_factory=list)
+    # Where caption, interrogation and the NSFW classifier load from (models/alchemy/registry.py);
+    # used when the settings say alchemy_weights: catalog.
+    alchemy: list[AlchemyModelEntry] = Field(default_factory=list)
+
+    def served_postprocessors(self, weights: str) -> list[PostProcessorEntry]:
+        """The post-processors a cluster serves: every one with builtin random weights (the
+        embedded default), or the catalog's entries (published weights the operator supplies)."""
+        if weights == "builtin":
+            return [PostProcessorEntry(name=n) for n in POST_PROCESSORS]
+        return list(self.postprocessors)
+
+    def served_alchemy(self, weights: str) -> list[AlchemyModelEntry]:
+        """Caption, interrogation and nsfw models, as served_postprocessors."""
+        if weights == "builtin":
+            return [AlchemyModelEntry(name=n) for n in ("caption", "interrogation", "nsfw")]
+        return list(self.alchemy)
 
     def controlnet_for(self, family: Family, control_type: str) -> ControlNetEntry | None:
         return next((c for c in self.controlnets
@@ -206,7 +223,7 @@ class Catalog(BaseModel):
         if missing:
             raise ValueError(f"models not in the catalog: {missing}")
         return Catalog(models=[self._by_name()[n] for n in names], controlnets=self.controlnets,
-                       postprocessors=self.postprocessors)
+                       postprocessors=self.postprocessors, alchemy=self.alchemy)
 
     def by_family(self) -> dict[Family, list[ModelEntry]]:
         out: dict[Family, list[ModelEntry]] = {}

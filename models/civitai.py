@@ -186,14 +186,15 @@ class CivitaiClient:
         (all digits) or a model name (search; an exact, case-insensitive name match wins over
         the search's first result). The model's newest version is used."""
         name = str(name).strip()[:MAX_TEXT]
+        numeric = name.isascii() and name.isdigit()  # "²".isdigit() is True, int("²") fails
         if is_version:
-            if not name.isdigit():
+            if not numeric:
                 raise CivitaiNotFound(f"version ids are numbers, not {name!r}")
             v = self._get_json(f"/api/v1/model-versions/{int(name)}")
             model = v.get("model") or {}
             self._check_type(kind, model, f"version {name}")
             return _pick_file(kind, v, model)
-        if name.isdigit():
+        if numeric:
             model = self._get_json(f"/api/v1/models/{int(name)}")
             self._check_type(kind, model, f"model {name}")
         else:
@@ -213,7 +214,7 @@ class CivitaiClient:
     def _meta_path(self, kind: str, name: str, is_version: bool) -> Path:
         if is_version:
             key = f"{kind}-v{int(name)}"
-        elif name.isdigit():
+        elif name.isascii() and name.isdigit():
             key = f"{kind}-m{int(name)}"
         else:
             key = f"{kind}-q{hashlib.sha1(name.lower().encode()).hexdigest()[:20]}"
@@ -243,7 +244,7 @@ class CivitaiClient:
         """What `name` means, from the cache's record when it is fresh, else from the API
         (and then recorded). Downloads nothing."""
         name = str(name).strip()[:MAX_TEXT]
-        if is_version and not name.isdigit():
+        if is_version and not (name.isascii() and name.isdigit()):
             raise CivitaiNotFound(f"version ids are numbers, not {name!r}")
         meta = self._meta_path(kind, name, is_version)
         info = self._read_meta(meta, expires=not is_version)

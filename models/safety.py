@@ -45,17 +45,20 @@ class NsfwVerdict:
 
 
 def verdicts_from_cosines(concept_cos: np.ndarray, special_cos: np.ndarray, concept_thresholds: np.ndarray,
-                          special_thresholds: np.ndarray) -> list[NsfwVerdict]:
+                          special_thresholds: np.ndarray, strictness: float = 0.0) -> list[NsfwVerdict]:
     """diffusers' per-image scoring loop, vectorised, in the same float32 arithmetic.
 
     `concept_cos` is (batch, 17), `special_cos` (batch, 3), thresholds (17,) and (3,).
+    `strictness` is diffusers' `adjustment` (0 there): added to every score, so a higher value
+    flags more images, at the cost of flagging more benign ones.
     """
     concept_cos = np.asarray(concept_cos, np.float32)
     special_cos = np.asarray(special_cos, np.float32)
-    special = np.round(special_cos - np.asarray(special_thresholds, np.float32), 3)
+    base = np.float32(strictness)
+    special = np.round(special_cos - np.asarray(special_thresholds, np.float32) + base, 3)
     # diffusers adds the adjustment to the special scores after the first one that fires; that can
     # only make later ones fire too, which changes nothing: the adjustment is 0.01 iff any fires.
-    adjustment = np.where((special > 0).any(axis=1), np.float32(SPECIAL_CARE_ADJUSTMENT), np.float32(0.0))
+    adjustment = base + np.where((special > 0).any(axis=1), np.float32(SPECIAL_CARE_ADJUSTMENT), np.float32(0.0))
     scores = np.round(concept_cos - np.asarray(concept_thresholds, np.float32) + adjustment[:, None], 3)
     best = scores.max(axis=1)
     return [NsfwVerdict(nsfw=bool((row > 0).any()), score=round(float(b), 3)) for row, b in zip(scores, best)]
@@ -96,15 +99,17 @@ class NsfwChecker:
 
         return cos(self.checker.concept_embeds), cos(self.checker.special_care_embeds)
 
-    def check(self, images: Sequence[Image.Image]) -> list[NsfwVerdict]:
-        """One verdict per image, in order. The images are not modified."""
+    def check(self, images: Sequence[Image.Image], strictness: float = 0.0) -> list[NsfwVerdict]:
+        """One verdict per image, in order (`strictness`: see verdicts_from_cosines). The images
+        are not modified."""
         images = list(images)
         concept_thresholds = self.checker.concept_embeds_weights.detach().cpu().float().numpy()
         special_thresholds = self.checker.special_care_embeds_weights.detach().cpu().float().numpy()
         out: list[NsfwVerdict] = []
         for start in range(0, len(images), self.max_batch):
             concept_cos, special_cos = self.cosines(images[start:start + self.max_batch])
-            out += verdicts_from_cosines(concept_cos, special_cos, concept_thresholds, special_thresholds)
+            out += verdicts_from_cosines(concept_cos, special_cos, concept_thresholds, special_thresholds,
+                                         strictness)
         return out
 
     def save_pretrained(self, path: str | os.PathLike[str]) -> None:

@@ -58,6 +58,8 @@ class User(Base):
     contact: Mapped[str | None] = mapped_column(String(500), nullable=True)
     # How a volunteer's Ray node names its owner without carrying the key (api/auth.py).
     node_key_digest: Mapped[str | None] = mapped_column(String(48), unique=True, nullable=True)
+    # Prompts refused by the CSAM guard (api/filters), counted for moderators.
+    suspicion: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class KudosEntry(Base):
@@ -99,7 +101,7 @@ class Worker(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     kind: Mapped[str] = mapped_column(String(16))  # "cluster" | "http" | "node"
-    type: Mapped[str] = mapped_column(String(8), default="image")  # "image" | "text"
+    type: Mapped[str] = mapped_column(String(16), default="image")  # image | text | interrogation
     models: Mapped[list] = mapped_column(JSON, default=list)
     last_seen: Mapped[float] = mapped_column(Double, default=time.time)
     created_at: Mapped[float] = mapped_column(Double, default=time.time)
@@ -129,6 +131,9 @@ class Worker(Base):
     consecutive_drops: Mapped[int] = mapped_column(Integer, default=0)
     uptime_seconds: Mapped[float] = mapped_column(Double, default=0.0)
     last_bonus_at: Mapped[float] = mapped_column(Double, default=time.time)
+    # When it last finished a job for someone other than its owner: the uptime bonus is only
+    # paid for periods with such work (api/workers.py worker_for_pop).
+    last_job_at: Mapped[float | None] = mapped_column(Double, nullable=True)
 
 
 class Request(Base):
@@ -218,6 +223,62 @@ class Generation(Base):
                       Index("ix_generations_finished_at", "finished_at"))
 
 
+class Interrogation(Base):
+    """One alchemy request (`POST /interrogate/async`): a source image and the forms to run on
+    it (api/alchemy/)."""
+
+    __tablename__ = "interrogations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    requester: Mapped[str] = mapped_column(String(64), default="")  # as Request.requester
+    # The source image, checked and stored once as PNG; deleted when no form is left to run.
+    source_image_key: Mapped[str | None] = mapped_column(String(300), nullable=True, index=True)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    kudos: Mapped[float] = mapped_column(Double, default=0.0)  # all forms, as priced at submit
+    cancelled: Mapped[bool] = mapped_column(Boolean, default=False)
+    client_agent: Mapped[str] = mapped_column(String(200), default="unknown:0:unknown")
+    created_at: Mapped[float] = mapped_column(Double, default=time.time)
+
+
+class InterrogationForm(Base):
+    """One form of an interrogation: a job of its own, claimed, finished and charged like a
+    generation (waiting -> processing -> done | back to waiting | faulted; cancelled)."""
+
+    __tablename__ = "interrogation_forms"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    interrogation_id: Mapped[str] = mapped_column(ForeignKey("interrogations.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    state: Mapped[str] = mapped_column(String(12), default="waiting")
+    sort_key: Mapped[float] = mapped_column(Double)  # as QueueEntry.sort_key
+    tiles: Mapped[int] = mapped_column(Integer, default=1)  # 512x512 tiles of the source
+    trusted_only: Mapped[bool] = mapped_column(Boolean, default=False)
+    slow_ok: Mapped[bool] = mapped_column(Boolean, default=True)
+    requester: Mapped[str] = mapped_column(String(64), default="")
+    user_id: Mapped[int] = mapped_column(Integer, default=0)  # who pays
+    kudos: Mapped[float] = mapped_column(Double, default=0.0)  # the worker's owner earns it
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claim_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    deadline: Mapped[float | None] = mapped_column(Double, nullable=True)
+    started_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    worker_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    worker_name: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # caption / nsfw / interrogation: the result itself; post-processors: the stored image.
+    result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    result_key: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    fault_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    __table_args__ = (Index("ix_forms_claim", "state", "name", "sort_key"),
+                      Index("ix_forms_state_deadline", "state", "deadline"),
+                      Index("ix_forms_requester_state", "requester", "state"))
+
+
 class QueueEntry(Base):
     """The priority queue: one row per (waiting generation, model it may run on), read through
     the (model, sort_key, id) index so claiming costs the same at 10 or 100,000 waiting.
@@ -273,3 +334,31 @@ class ModelStat(Base):
     ewma_interval: Mapped[float] = mapped_column(Double)  # between two completions
     last_finished: Mapped[float] = mapped_column(Double)
     completed: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class PromptFilter(Base):
+    """A moderator's regex over prompts (api/filters: what each `filter_type` does). Matched
+    case-insensitively; `replacement` (type 10 only) is what the replacement filter puts in
+    place of a match."""
+
+    __tablename__ = "prompt_filters"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    regex: Mapped[str] = mapped_column(String(1000))
+    filter_type: Mapped[int] = mapped_column(Integer)
+    description: Mapped[str] = mapped_column(String(1000), default="")
+    replacement: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))  # who added or last changed it
+    created_at: Mapped[float] = mapped_column(Double, default=time.time)
+    updated_at: Mapped[float] = mapped_column(Double, default=time.time)
+
+
+class PromptFilterVersion(Base):
+    """One row (id 1) whose `version` every change to `prompt_filters` raises in the same
+    transaction: API replicas poll it to know when to reload their filters, which notices
+    any change (deletions included) without trusting clocks."""
+
+    __tablename__ = "prompt_filter_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -450,7 +450,8 @@ def finish(db: Database, results: list[Result], now: float | None = None) -> lis
     """Record results exactly once: only the current claim of a processing generation can
     finish it; a late or second submit finds nothing to update. In the same transaction the
     requester pays (the generation's kudos plus its tax share), the worker's owner earns the
-    kudos, the horde collects the tax, and the worker's counters move."""
+    kudos, the horde collects the tax, and the worker's counters move. A censored result costs
+    the requester nothing: the horde's account pays the worker's owner instead."""
     now = time.time() if now is None else now
     with db.write() as session:
         return finish_in(session, results, now)
@@ -482,12 +483,18 @@ def finish_in(session, results: list[Result], now: float) -> list[Finished]:
     rows: list[tuple[int, float, str]] = []
     per_worker: dict[str, dict[str, float]] = {}
     for r, g in done:
-        rows += [(g["user_id"], -(g["kudos"] + g["tax"]), "generation"),
-                 (r.owner_id, g["kudos"], "reward")]
-        if g["tax"]:
-            rows.append((horde, g["tax"], "tax"))
+        if r.censored:  # the requester gets a placeholder and pays nothing; the horde pays the work
+            rows += [(horde, -g["kudos"], "reward"), (r.owner_id, g["kudos"], "reward")]
+        else:
+            rows += [(g["user_id"], -(g["kudos"] + g["tax"]), "generation"),
+                     (r.owner_id, g["kudos"], "reward")]
+            if g["tax"]:
+                rows.append((horde, g["tax"], "tax"))
         w = per_worker.setdefault(r.worker_id, {"jobs": 0, "mps": 0.0, "kudos": 0.0, "secs": 0.0,
-                                                "tokens": 0})
+                                                "tokens": 0, "for_others": False})
+        # Work for someone else, not the worker's owner, is what earns the uptime bonus
+        # (api/workers.py worker_for_pop): its own requests would let an owner buy the bonus.
+        w["for_others"] = w["for_others"] or g["user_id"] != r.owner_id
         w["jobs"] += 1
         w["tokens"] += r.completion_tokens or 0
         w["mps"] += g["megapixelsteps"]
@@ -500,7 +507,8 @@ def finish_in(session, results: list[Result], now: float) -> list[Finished]:
             megapixelsteps_done=W.c.megapixelsteps_done + w["mps"],
             kudos_earned=W.c.kudos_earned + w["kudos"],
             seconds_working=W.c.seconds_working + w["secs"],
-            tokens_generated=W.c.tokens_generated + w["tokens"], consecutive_drops=0))
+            tokens_generated=W.c.tokens_generated + w["tokens"], consecutive_drops=0,
+            **({"last_job_at": now} if w["for_others"] else {})))
     return [Finished(r.generation_id, g["kudos"]) for r, g in done]
 
 

@@ -17,6 +17,9 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
+CONNECT_TIMEOUT_SECONDS = 10  # PostgreSQL
+
+
 def _prepare_sqlite_file(url: str) -> None:
     path = url.split("///", 1)[1] if "///" in url else ""
     if path and path != ":memory:":
@@ -47,7 +50,12 @@ def make_engine(url: str) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    # pool_pre_ping: a connection the server dropped (a restart, pg_terminate_backend) is
+    # noticed and replaced when taken from the pool, so the API recovers by itself once the
+    # database is back; connect_timeout: an unreachable server fails requests (503, see
+    # api/errors.py) in seconds instead of holding them.
+    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True,
+                         connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS})
 
 
 class Database:

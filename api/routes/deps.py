@@ -1,5 +1,5 @@
 """Per-request helpers shared by the routes: the context, the caller's identity and address,
-rate limits."""
+rate limits (who counts against which: api/ratelimit.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from api.auth import ANONYMOUS_KEY, ANONYMOUS_USER_ID, hash_api_key
 from api.db.models import User
 from api.errors import HordeError
 from api.images import Context
+from api.ratelimit import Caller, address_subject, at_least, user_subject
 from api.schemas import RequestAsyncResponse
 
 
@@ -44,14 +45,24 @@ def registered(ctx: Context, session, apikey: str | None, what: str) -> User:
     return user
 
 
+# Every call that carries X-Forwarded-For counts as this one address (see client_ip).
+FORWARDED_ADDRESS = "forwarded"
+
+
 def client_ip(request: Request) -> str:
-    """The caller's address: the peer's, or when the peer is a trusted proxy (the ingress), the
-    last address that proxy put in X-Forwarded-For."""
-    peer = request.client.host if request.client else ""
-    forwarded = request.headers.get("x-forwarded-for")
-    if forwarded and peer in ctx_of(request).settings.trusted_proxies:
-        return forwarded.split(",")[-1].strip()
-    return peer
+    """The caller's address: the connection's peer, as the server saw it. A client's own
+    X-Forwarded-For never counts. Serve's HAProxy ingress (Ray 2.60) neither sets nor strips
+    that header, and its config template has no way to add the peer's address to a request, so
+    whatever the header says came from the client. Worse, the server in front of this app
+    (uvicorn, in each Serve replica) trusts the header from loopback peers by default and
+    rewrites the peer from it; so a call carrying the header may have a forged peer too, and all
+    such calls count as one address, FORWARDED_ADDRESS, whatever they claim. The price: behind
+    the ingress every anonymous caller has the ingress's address, so the per-address limits and
+    the anonymous waiting cap are shared by all anonymous callers (registered users count per
+    user, see rate_limited)."""
+    if "x-forwarded-for" in request.headers:
+        return FORWARDED_ADDRESS
+    return request.client.host if request.client else ""
 
 
 def requester_of(user: User, ip: str) -> str:
@@ -68,13 +79,51 @@ def client_agent(request: Request) -> str:
             or "unknown:0:unknown")[:200]
 
 
-def rate_limited(group: str) -> Callable:
-    """A route dependency counting the call against `group`'s limit."""
+def request_key(apikey: str | None, authorization: str | None) -> str | None:
+    """The API key a call carries: `Authorization: Bearer KEY` (OpenAI clients), else the
+    horde's `apikey` header (as routes/openai.py reads it)."""
+    if authorization and authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip()
+    return apikey
 
-    def dependency(request: Request, apikey: str | None = Header(None)) -> None:
-        limiter = ctx_of(request).limiter
-        if limiter is not None:
-            limiter.check(group, apikey, client_ip(request))
+
+def known_caller(ctx: Context, key: str | None) -> Caller | None:
+    """The user `key` belongs to, as the limiter counts it (cached, see CallerCache); None for
+    no key, the anonymous key and keys no user has, which count as their address."""
+    if key is None or key == ANONYMOUS_KEY or not 10 <= len(key) <= 100:
+        return None
+    digest = hash_api_key(key, ctx.settings.key_salt)
+
+    def load() -> Caller | None:
+        with ctx.db.read() as session:
+            row = session.execute(select(User.id, User.trusted)
+                                  .where(User.api_key_hash == digest)).first()
+        return None if row is None or row.id == ANONYMOUS_USER_ID else Caller(row.id, row.trusted)
+
+    return ctx.limiter.callers.get(digest, load)
+
+
+def submit_limit(settings, caller: Caller) -> str:
+    registered = at_least(settings.rate_limit_submit, settings.rate_limit_submit_registered)
+    return at_least(registered, settings.rate_limit_submit_trusted) if caller.trusted else registered
+
+
+def rate_limited(group: str) -> Callable:
+    """A route dependency counting the call against `group`'s limit: a user's key counts
+    against that user wherever it calls from (submits at the user's tier), anything else
+    against the client address."""
+
+    def dependency(request: Request, apikey: str | None = Header(None),
+                   authorization: str | None = Header(None)) -> None:
+        ctx = ctx_of(request)
+        if ctx.limiter is None:
+            return
+        caller = known_caller(ctx, request_key(apikey, authorization))
+        if caller is None:
+            ctx.limiter.check(group, address_subject(client_ip(request)))
+        else:
+            limit = submit_limit(ctx.settings, caller) if group == "submit" else None
+            ctx.limiter.check(group, user_subject(caller.user_id), limit)
 
     return dependency
 

@@ -7,6 +7,7 @@ import time
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
 
 from api.db.models import Generation, ModelStat, QueueEntry, Worker
 from api.errors import HordeError
@@ -132,18 +133,32 @@ def get_object(key: str, request: Request):
 async def put_object(key: str, request: Request, expires: int = Query(...),
                      signature: str = Query(..., max_length=128)):
     """Where HTTP workers upload results under local storage: the `r2_upload` URL of a pop,
-    signed for that key until `expires`. Any content type; answers 200 as S3 does."""
-    storage = ctx_of(request).storage
+    signed for that key (its claim's) until `expires` (the claim's deadline), and at most
+    `max_upload_bytes` long, refused as soon as it is known to be longer. Any content type;
+    answers 200 as S3 does."""
+    ctx = ctx_of(request)
+    storage = ctx.storage
     if not isinstance(storage, LocalStorage):
         raise HordeError(404, "NotFound", "uploads go to the object store")
     try:
-        allowed = storage.upload_allowed(key, expires, signature)
+        # hmac.compare_digest raises TypeError on non-ASCII text: such a signature is no match.
+        allowed = signature.isascii() and storage.upload_allowed(key, expires, signature)
     except ValueError:
         raise HordeError(400, "BadRequest", f"key: invalid object key {key!r}") from None
     if not allowed:
         raise HordeError(403, "Forbidden", "signature: invalid or expired upload URL")
-    data = await request.body()
+    cap = ctx.settings.max_upload_bytes
+    too_large = HordeError(413, "PayloadTooLarge", f"body: an upload may be at most {cap} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > cap:
+        raise too_large
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > cap:
+            raise too_large
     if not data:
         raise HordeError(400, "BadRequest", "body: empty upload")
-    storage.put(key, data, request.headers.get("content-type") or "image/webp")
+    await run_in_threadpool(storage.put, key, bytes(data),
+                            request.headers.get("content-type") or "image/webp")
     return JSONResponse({"key": key, "size": len(data)})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Path, Query, Request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -13,12 +13,14 @@ from api.routes.deps import authenticate, ctx_of, registered
 from api.user_schemas import (
     KudosTransferInput,
     KudosTransferResponse,
+    MAX_USER_ID,
     UserDetails,
     UserModify,
     UserModifyResponse,
 )
 
 router = APIRouter(tags=["users"])
+UserIdPath = Path(ge=0, le=MAX_USER_ID)
 
 
 @router.get("/find_user", response_model=UserDetails, response_model_exclude_none=True)
@@ -43,7 +45,7 @@ def list_users(request: Request, page: int = Query(1, ge=1, le=10**6),
 
 
 @router.get("/users/{user_id}", response_model=UserDetails, response_model_exclude_none=True)
-def get_user(user_id: int, request: Request, apikey: str | None = Header(None)):
+def get_user(request: Request, user_id: int = UserIdPath, apikey: str | None = Header(None)):
     ctx = ctx_of(request)
     with ctx.db.read() as session:
         target = users.get_user(session, user_id)
@@ -54,7 +56,8 @@ def get_user(user_id: int, request: Request, apikey: str | None = Header(None)):
 
 
 @router.put("/users/{user_id}", response_model=UserModifyResponse, response_model_exclude_none=True)
-def modify_user(user_id: int, body: UserModify, request: Request, apikey: str | None = Header(None)):
+def modify_user(body: UserModify, request: Request, user_id: int = UserIdPath,
+                apikey: str | None = Header(None)):
     ctx = ctx_of(request)
     with ctx.db.write() as session:
         moderator = registered(ctx, session, apikey, "changing a user")

@@ -72,8 +72,8 @@ def details(ctx, worker: Worker, owner: User, now: float) -> WorkerDetails:
             response_model_exclude_none=True)
 def list_workers(request: Request, type: str = Query(""), name: str | None = Query(None)):
     """Every worker, the cluster's own first. `type=` (empty, as horde-sdk sends it) is all."""
-    if type not in ("", "image", "text"):
-        raise HordeError(400, "BadRequest", "type: one of image, text")
+    if type not in ("", "image", "text", "interrogation"):
+        raise HordeError(400, "BadRequest", "type: one of image, text, interrogation")
     ctx = ctx_of(request)
     stmt = select(Worker, User).join(User, User.id == Worker.owner_id)
     if type:
@@ -124,6 +124,7 @@ def modify_worker(worker_id: str, body: WorkerModify, request: Request,
         if body.info is not None:
             worker.info = out.info = body.info
         if body.name is not None and body.name != worker.name:
+            workers.check_worker_name(body.name)
             taken = session.execute(select(Worker.id).where(Worker.name == body.name)).first()
             if taken:
                 raise HordeError(400, "NameAlreadyExists", f"name: {body.name!r} is taken")

@@ -42,7 +42,7 @@ def small_config(path: Path) -> Path:
     app["args"]["families"] = {"stable_diffusion_1": {"max_in_flight": 1}}
     app["args"]["poll_seconds"] = 0.3
     app["deployments"] = [d for d in app["deployments"]
-                          if d["name"] in ("api", "dispatcher", "postprocess", "sd15")]
+                          if d["name"] in ("api", "dispatcher", "postprocess", "alchemy", "sd15")]
     sd15 = next(d for d in app["deployments"] if d["name"] == "sd15")
     sd15["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
     path.write_text(yaml.safe_dump(config))

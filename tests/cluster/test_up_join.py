@@ -21,9 +21,9 @@ ANON = {"apikey": "0000000000"}
 LONG = {"width": 1024, "height": 1024, "steps": 50}
 
 
-def submit(http, **params):
+def submit(http, workers: tuple[str, ...] = (), **params):
     r = http.post(f"{API}/generate/async", headers=ANON, json={
-        "prompt": "a lighthouse", "models": ["tiny-sd15"], "params": params})
+        "prompt": "a lighthouse", "models": ["tiny-sd15"], "params": params, "workers": list(workers)})
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
@@ -49,6 +49,10 @@ def test_up_join_and_a_dying_node(tmp_path):
             node_worker(http)))
         assert worker["models"] == ["tiny-sd15"] and worker["owner"].startswith("volunteer#")
 
+        # The node's replica is up once a job for its worker alone has finished on it.
+        small = submit(http, workers=(worker["id"],), width=64, height=64, steps=2)
+        wait_for("the node's first job", lambda: http.get(f"{API}/generate/check/{small}").json()["done"])
+
         # Two long jobs: one on the head's replica, one on the node's (whichever claims which).
         jobs = [submit(http, **LONG), submit(http, **LONG)]
 
@@ -57,12 +61,18 @@ def test_up_join_and_a_dying_node(tmp_path):
                 g = s.execute(select(Generation).where(Generation.request_id == request_id)).scalar_one()
                 return g.claimed_by if g.state == "processing" else None
 
+        seen: list = []
+
         def split_between_head_and_node():
             held = [holder(r) for r in jobs]
+            seen[:] = held
             return worker["id"] in held and any(h and h != worker["id"] for h in held) and held
 
-        held = wait_for("one job on the head and one on the node", split_between_head_and_node,
-                        every=0.05)
+        try:
+            held = wait_for("one job on the head and one on the node", split_between_head_and_node,
+                            every=0.05)
+        except AssertionError:
+            raise AssertionError(f"no split: the jobs' holders {seen}, node worker {worker['id']}") from None
         second = jobs[held.index(worker["id"])]
 
         def second_on_node():

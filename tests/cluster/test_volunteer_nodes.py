@@ -63,7 +63,7 @@ def horde(tmp_path_factory):
         config["proxy_location"] = "Disabled"
         app = config["applications"][0]
         app["deployments"] = [d for d in app["deployments"]
-                              if d["name"] in ("api", "dispatcher", "postprocess", "sd15")]
+                              if d["name"] in ("api", "dispatcher", "postprocess", "alchemy", "sd15")]
         sd15 = next(d for d in app["deployments"] if d["name"] == "sd15")
         sd15["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
         deploy(config)
@@ -161,7 +161,11 @@ def test_node_with_an_unknown_key_is_refused(horde):
     cluster, client = horde["cluster"], horde["client"]
     node = cluster.add_node(num_cpus=1, resources={"volunteer": 1},
                             labels=node_labels(node_key_digest("nobody-has-this-key-00"), SD))
-    time.sleep(5)  # several bridge rounds
+    from cluster.deploy import APP_NAME
+
+    dispatcher = serve.get_deployment_handle("dispatcher", APP_NAME)
+    wait_for("the bridge to refuse the node", lambda: node.node_id in
+             dispatcher.stats.remote().result()["refused_nodes"], timeout=60, every=0.2)
     assert node_worker(client, node.node_id[:8]) is None
     assert not [a for a in serve.status().applications if node.node_id[:12] in a]
     cluster.remove_node(node)

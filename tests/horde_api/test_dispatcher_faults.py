@@ -81,12 +81,16 @@ def test_sources_are_deleted_once_their_request_has_nothing_left_to_do(client, c
     r = submit(client, source_image=b64(SOURCE), params={"n": 2})
     assert r.status_code == 202, r.text
     rid = r.json()["id"]
+    with ctx.db.read() as s:
+        from api.db.models import Request
+
+        source = s.get(Request, rid).source_image_key
     d._delete_ended_sources()  # both still waiting: kept
-    assert stored_objects(ctx) == [f"sources/{rid}/image.png"]
+    assert stored_objects(ctx) == [source]
     claims, gid = claim_one(ctx)
     asyncio.run(d._failed(None, claims, JobRejected("bad")))
     d._delete_ended_sources()  # one faulted, one still waiting: kept
-    assert stored_objects(ctx) == [f"sources/{rid}/image.png"]
+    assert stored_objects(ctx) == [source]
     assert client.delete(f"/api/v2/generate/status/{rid}").status_code == 200
     d._delete_ended_sources()  # cancelled: nothing left to generate
     assert stored_objects(ctx) == []

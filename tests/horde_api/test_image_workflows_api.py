@@ -93,7 +93,10 @@ def test_sources_are_stored_once_and_handed_to_workers_as_urls(client, ctx):
                source_mask=b64(MASK), params={"denoising_strength": 0.6, "n": 2})
     assert r.status_code == 202, r.text
     rid = r.json()["id"]
-    assert stored_objects(ctx) == [f"sources/{rid}/image.png", f"sources/{rid}/mask.png"]
+    with ctx.db.read() as s:
+        req = s.get(Request, rid)
+        assert stored_objects(ctx) == [req.source_image_key, req.source_mask_key]
+    assert rid not in req.source_image_key  # workers download it: it must not name the request
     # A worker that does not paint is told why it got nothing.
     body = pop(client, h, allow_painting=False).json()
     assert body["ids"] == [] and body["skipped"] == {"painting": 2}
@@ -155,7 +158,8 @@ def test_url_sources_are_fetched_but_never_from_private_addresses(db, tmp_path, 
     with TestClient(create_app(ctx)) as client:
         r = submit(client, source_image=image_server)
         assert r.status_code == 202, r.text
-        stored = ctx.storage.get(f"sources/{r.json()['id']}/image.png")
+        with ctx.db.read() as s:
+            stored = ctx.storage.get(s.get(Request, r.json()["id"]).source_image_key)
         assert Image.open(io.BytesIO(stored)).tobytes() == SOURCE.tobytes()
 
 

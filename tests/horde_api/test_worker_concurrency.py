@@ -46,10 +46,15 @@ def states(ctx) -> dict[str, int]:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("db", ["postgres"], indirect=True)
 def test_sixteen_workers_pop_at_once(db, tmp_path):
-    """16 HTTP workers (threads) pop, fail now and then, and submit until the queue is empty."""
+    """16 HTTP workers (threads, through the API) pop, fail now and then, upload and submit
+    until the queue is empty. Any exception in a worker fails the test."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
     ctx = make_ctx(db, tmp_path, max_waiting_per_user=10_000)
     requesters = [make_user(ctx, f"req{i}", kudos=10_000)[0] for i in range(3)]
-    owners = [make_user(ctx, f"owner{i}")[0] for i in range(4)]
+    owners = [make_user(ctx, f"owner{i}")[1] for i in range(4)]
     total = 0
     for i in range(30):
         n = 1 + i % 7
@@ -58,47 +63,62 @@ def test_sixteen_workers_pop_at_once(db, tmp_path):
     held: dict[str, str] = {}  # generation -> worker holding it now
     handed_out: list[str] = []
     errors: list[str] = []
+    finished: list[int] = []
     lock = threading.Lock()
+    app = create_app(ctx)
 
-    def work(index: int):
+    def work(index: int, client: TestClient):
         rng = random.Random(index)
-        owner = owners[index % 4]
+        headers = owners[index % 4]
         name = f"worker-{index}"
         idle = 0
         while idle < 3:
-            body = ImagePopInput(name=name, models=["tiny-sd15"], max_pixels=1024 * 1024,
-                                 amount=rng.randint(1, 3))
-            job = workers.pop_image(ctx, owner, body)
-            if not job.ids:
+            r = client.post("/api/v2/generate/pop", headers=headers, json={
+                "name": name, "models": ["tiny-sd15"], "max_pixels": 1024 * 1024,
+                "amount": rng.randint(1, 3)})
+            assert r.status_code == 200, r.text
+            job = r.json()
+            if not job["ids"]:
                 idle += 1
                 time.sleep(0.05)
                 continue
             idle = 0
             with lock:
-                for gid in job.ids:
+                for gid in job["ids"]:
                     if gid in held:
                         errors.append(f"{gid} handed to {name} while {held[gid]} holds it")
                     held[gid] = name
                     handed_out.append(gid)
-            for gid in job.ids:
+            for gid, url in zip(job["ids"], job["r2_uploads"], strict=True):
                 fault = rng.random() < 0.1
                 if not fault:
-                    ctx.storage.put(workers.image_key(_request_of(ctx, gid), gid), WEBP, "image/webp")
+                    up = client.put(url.split("127.0.0.1:8000", 1)[1], content=WEBP)
+                    assert up.status_code == 200, up.text
                 with lock:
                     del held[gid]
-                try:
-                    workers.submit_image(ctx, owner, JobSubmitInput(
-                        id=gid, generation="R2", state="faulted" if fault else "ok", seed=1))
-                except HordeError as e:
+                r = client.post("/api/v2/generate/submit", headers=headers, json={
+                    "id": gid, "generation": "R2", "state": "faulted" if fault else "ok", "seed": 1})
+                if r.status_code != 200:
                     with lock:
-                        errors.append(f"submit {gid}: {e.rc} {e.message}")
+                        errors.append(f"submit {gid}: {r.status_code} {r.text}")
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    def guarded(index: int):
+        try:
+            with TestClient(app) as client:
+                work(index, client)
+            with lock:
+                finished.append(index)
+        except BaseException as e:  # a thread that dies must fail the test, not vanish
+            with lock:
+                errors.append(f"worker {index} crashed: {e!r}")
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(16)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors[:5]
+    assert sorted(finished) == list(range(16))
     final = states(ctx)
     # Everything finished or, after max_attempts faults, ended faulted: nothing lost or stuck.
     assert final.get("done", 0) + final.get("faulted", 0) == total, final
@@ -109,9 +129,10 @@ def test_sixteen_workers_pop_at_once(db, tmp_path):
     assert_ledger_consistent(ctx)
 
 
-def _request_of(ctx, gid: str) -> str:
+def _upload_key_of(ctx, gid: str) -> str:
+    """Where the worker holding `gid` now uploads (its pop's r2_upload URL)."""
     with ctx.db.read() as s:
-        return s.get(Generation, gid).request_id
+        return workers.upload_key(gid, s.get(Generation, gid).claim_id)
 
 
 class WorkerProtocolMachine(RuleBasedStateMachine):
@@ -161,7 +182,7 @@ class WorkerProtocolMachine(RuleBasedStateMachine):
         gid = data.draw(st.sampled_from(list(self.held)))  # pop order: ids are random
         who = self.held.pop(gid)
         if not fault:
-            self.ctx.storage.put(workers.image_key(_request_of(self.ctx, gid), gid), WEBP, "image/webp")
+            self.ctx.storage.put(_upload_key_of(self.ctx, gid), WEBP, "image/webp")
         try:
             reward = workers.submit_image(self.ctx, self.owners[who], JobSubmitInput(
                 id=gid, generation="R2", state="faulted" if fault else "ok", seed=3))
@@ -174,7 +195,7 @@ class WorkerProtocolMachine(RuleBasedStateMachine):
     def submit_twice(self, data):
         gid = data.draw(st.sampled_from(list(self.held)))  # pop order: ids are random
         who = self.held.pop(gid)
-        self.ctx.storage.put(workers.image_key(_request_of(self.ctx, gid), gid), WEBP, "image/webp")
+        self.ctx.storage.put(_upload_key_of(self.ctx, gid), WEBP, "image/webp")
         body = JobSubmitInput(id=gid, generation="R2", state="ok", seed=3)
         try:
             workers.submit_image(self.ctx, self.owners[who], body)

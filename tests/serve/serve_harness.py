@@ -37,6 +37,27 @@ def haproxy_pids(node_id: str) -> list[int]:
     return out
 
 
+def assert_served_by_haproxy(node_id: str, port: int = 8000) -> None:
+    """The API answers on `port`, and what listens there is this node's HAProxy ingress (not
+    a proxy left from elsewhere, nor Serve's own HTTP proxy)."""
+    import httpx
+
+    deadline, answer = time.time() + 60, None
+    while time.time() < deadline:
+        try:
+            answer = httpx.get(f"http://127.0.0.1:{port}/api/v2/status/heartbeat", timeout=5)
+            if answer.status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    assert answer is not None and answer.status_code == 200, answer
+    listeners = {c.pid for c in psutil.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    assert listeners and listeners <= set(haproxy_pids(node_id)), \
+        f"port {port} is served by {listeners}, not this cluster's HAProxy {haproxy_pids(node_id)}"
+
+
 def replica_actor(app: str, deployment: str):
     """A live replica of `deployment` (named SERVE_REPLICA::<app>#<deployment>#<id>)."""
     import ray
@@ -99,6 +120,7 @@ def running_cluster(workdir: Path, database_url: str | None = None, families: di
             for app in app_config["applications"]:
                 app["deployments"] = [d for d in app.get("deployments", []) if d["name"] == "api"]
         deploy(app_config)
+        assert_served_by_haproxy(node_id)
         db = get_database(settings["database_url"])
 
         def attempts(request_id: str) -> list[int]:

@@ -174,3 +174,21 @@ def test_verdicts_from_cosines_special_care_adjustment():
     special = np.array([[0.5], [0.2], [0.2]], np.float32)
     verdicts = verdicts_from_cosines(concept, special, np.array([0.3, 0.9]), np.array([0.4]))
     assert verdicts == [NsfwVerdict(True, 0.005), NsfwVerdict(False, -0.005), NsfwVerdict(True, 0.01)]
+
+
+def test_strictness_is_diffusers_adjustment(tiny):
+    """`strictness` is added to every score, as diffusers' `adjustment`: the same verdicts as
+    thresholds lowered by it, and a stricter check flags a superset of the images."""
+    images = sample_images()
+    concept_cos, special_cos = tiny.cosines(images)
+    concept_t = tiny.checker.concept_embeds_weights.numpy()
+    special_t = tiny.checker.special_care_embeds_weights.numpy()
+    flagged = {}
+    for strictness in (0.0, 0.05, 0.2, 0.5):
+        ours = tiny.check(images, strictness=strictness)
+        shifted = verdicts_from_cosines(concept_cos, special_cos, concept_t - np.float32(strictness),
+                                        special_t - np.float32(strictness))
+        assert [v.nsfw for v in ours] == [v.nsfw for v in shifted]
+        flagged[strictness] = {i for i, v in enumerate(ours) if v.nsfw}
+    assert flagged[0.0] <= flagged[0.05] <= flagged[0.2] <= flagged[0.5]
+    assert len(flagged[0.5]) > len(flagged[0.0])
