@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from contextlib import contextmanager
 
@@ -22,6 +23,8 @@ from models.catalog import load_catalog
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POSTGRES_URL = os.environ.get("RAYHORDE_TEST_POSTGRES_URL",
                               "postgresql://postgres@127.0.0.1:5432/test")
+HORDE_SDK_VENV = os.path.join(ROOT, ".cache", "horde-sdk-venv")
+HORDE_SDK_VERSION = "0.33.3"  # strict mode accepts exactly the fields this version declares
 TINY_MODELS = ["tiny-sd15", "tiny-sd15-inpainting", "tiny-sdxl", "tiny-cascade", "tiny-llm"]
 
 
@@ -171,3 +174,18 @@ def serving_png(data: bytes):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def horde_sdk_python() -> str:
+    """The venv with horde-sdk (Python 3.12), made on first use."""
+    python = os.path.join(HORDE_SDK_VENV, "bin", "python")
+    marker = os.path.join(HORDE_SDK_VENV, f".horde-sdk-{HORDE_SDK_VERSION}")
+    if not os.path.exists(marker):
+        base = subprocess.run(["pyenv", "which", "python"], env={**os.environ,
+                              "PYENV_VERSION": "3.12.1"}, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        subprocess.run([base, "-m", "venv", HORDE_SDK_VENV], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q",
+                        f"horde-sdk=={HORDE_SDK_VERSION}"], check=True)
+        open(marker, "w").close()
+    return python

@@ -18,13 +18,12 @@ from api.app import create_app
 from api.db.models import Generation, PromptFilter, PromptFilterVersion, QueueEntry, Request, User
 from api.db.session import Database
 from api.filters import store
-from conftest import ROOT, count_statements, make_ctx
+from conftest import count_statements, horde_sdk_python, make_ctx
 from test_economy import make_user
 
 pytestmark = pytest.mark.timeout(120)
 ANON = {"apikey": "0000000000"}
 DETAILS_KEYS = {"id", "regex", "filter_type", "description", "replacement", "user"}
-SDK_PYTHON = os.path.join(ROOT, ".cache", "horde-sdk-venv", "bin", "python")
 
 
 @pytest.fixture
@@ -127,8 +126,6 @@ def test_crud_round_trip_in_horde_sdk_shapes(client, ctx, mod):
 
 @pytest.mark.parametrize("db", ["sqlite"], indirect=True)
 def test_answers_validate_against_horde_sdk_strict_models(client, ctx, mod):
-    if not os.path.exists(SDK_PYTHON):
-        pytest.skip("the horde-sdk venv (tests/compat/README.md) is not installed")
     _, h = mod
     details = put(client, h, regex="girl", filter_type=10, replacement="woman").json()
     add(client, h, "nude", 11, description="d")
@@ -151,7 +148,7 @@ def test_answers_validate_against_horde_sdk_strict_models(client, ctx, mod):
               "    for v in values:\n"
               "        getattr(m, name).model_validate(v)\n"
               "print('ok')\n")
-    proc = subprocess.run([SDK_PYTHON, "-c", script], input=json.dumps(answers), text=True,
+    proc = subprocess.run([horde_sdk_python(), "-c", script], input=json.dumps(answers), text=True,
                           capture_output=True, timeout=90, env={**os.environ, "TESTS_ONGOING": "1"})
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 

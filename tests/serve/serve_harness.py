@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 
+from conftest import horde_sdk_python
+
 ROOT = Path(__file__).resolve().parents[2]
-HORDE_SDK_VENV = ROOT / ".cache" / "horde-sdk-venv"
-HORDE_SDK_VERSION = "0.33.3"
 SERVE_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -67,21 +66,6 @@ def replica_actor(app: str, deployment: str):
         if a["namespace"] == "serve" and a["name"].startswith(prefix):
             return ray.get_actor(a["name"], namespace="serve")
     return None
-
-
-def horde_sdk_python() -> str:
-    """The venv with horde-sdk (Python 3.12), made on first use."""
-    python = HORDE_SDK_VENV / "bin" / "python"
-    marker = HORDE_SDK_VENV / f".horde-sdk-{HORDE_SDK_VERSION}"
-    if not marker.exists():
-        base = subprocess.run(["pyenv", "which", "python"], env={**os.environ,
-                              "PYENV_VERSION": "3.12.1"}, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        subprocess.run([base, "-m", "venv", str(HORDE_SDK_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q",
-                        f"horde-sdk=={HORDE_SDK_VERSION}"], check=True)
-        marker.touch()
-    return str(python)
 
 
 def settings_for(workdir: Path, database_url: str | None = None) -> dict:
