@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api import known_models
 from api.alchemy import forms as alchemy_forms
 from api.alchemy.router import router as alchemy_router
 from api.db import queue
@@ -21,7 +22,10 @@ from api.filters.router import router as filter_routes
 from api.images import Context
 from api.nul_guard import RefuseNul
 from api.ratelimit import RateLimiter
+from api.upload_sweep import sweep_stale_uploads
 from api.routes import generate, openai, status, texts, users, workers
+from api.sharedkeys.router import router as shared_key_routes
+from api.web import install_web
 
 log = logging.getLogger("rayhorde.api")
 
@@ -68,7 +72,8 @@ class _TooLarge(Exception):
 
 
 async def sweep_expired(ctx: Context) -> None:
-    """Hand claims past their deadline back to the queue, every `expire_every_seconds`. Each
+    """Hand claims past their deadline back to the queue, and delete the uploads of ended
+    claims (api/upload_sweep.py), every `expire_every_seconds`. Each
     API replica runs this (the update is idempotent), so expiry works whether or not the
     cluster runs a dispatcher; its cost follows the number of claims, not the queue."""
     s = ctx.settings
@@ -78,6 +83,9 @@ async def sweep_expired(ctx: Context) -> None:
             await run_in_threadpool(queue.expire, ctx.db, s.max_attempts,
                                     max_consecutive_drops=s.max_consecutive_drops)
             await run_in_threadpool(alchemy_forms.expire, ctx.db, s.max_attempts)
+            await run_in_threadpool(sweep_stale_uploads, ctx)
+            # Requests no worker has taken a job of in 20 minutes (api/known_models.py).
+            await run_in_threadpool(known_models.expire_unclaimed, ctx)
         except Exception:
             log.exception("sweeping expired claims failed; retrying")
 
@@ -97,7 +105,8 @@ def create_app(ctx: Context, on_submit: Callable[[], None] | None = None,
             await follower  # it disposes its engine once its last read has ended
 
     filters = prompt_filters.cache_of(ctx)
-    app = FastAPI(title="rayhorde", version="2.5.0", docs_url="/api/docs",
+    # The docs pages are install_web's: FastAPI's own load Swagger UI and ReDoc from a CDN.
+    app = FastAPI(title="rayhorde", version="2.5.0", docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json", lifespan=lifespan)
     app.state.ctx = ctx
     app.state.on_submit = on_submit or (lambda: None)
@@ -108,6 +117,8 @@ def create_app(ctx: Context, on_submit: Callable[[], None] | None = None,
     app.include_router(openai.router)
     app.include_router(filter_routes, prefix="/api/v2")
     app.include_router(alchemy_router, prefix="/api/v2")
+    app.include_router(shared_key_routes, prefix="/api/v2")
+    install_web(app, app.openapi_url)  # the web page at / and the API docs, no CDN
     app.add_middleware(RefuseNul)  # inside BodySizeLimit, which bounds what it reads
     app.add_middleware(BodySizeLimit, limit=ctx.settings.max_body_bytes)
     return app

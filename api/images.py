@@ -1,9 +1,10 @@
 """Image requests: submit, check, status, cancel. The routes stay thin; the rules live here.
 
 Statement budget (pinned by tests): submit 4 after authentication (the requester's active count
-and what it owes, request, generations, queue entries; one more when it names workers, and on
-PostgreSQL when it needs kudos upfront: the balance's lock); check 3; status 4. None of them
-grows with `n` or with the queue.
+and what it owes, request, generations, queue entries; one more when it names workers, on
+PostgreSQL when it needs kudos upfront: the balance's lock, and when it names only models the
+cluster does not serve: the online workers' offers); check 3; status 4 (each one more while
+it waits for models the cluster does not serve). None of them grows with `n` or with the queue.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import hashlib
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from sqlalchemy import bindparam, case, func, select, union_all, update
 
-from api import admission, image_workflows
+from api import admission, image_workflows, known_models
 from api.auth import ANONYMOUS_USER_ID
 from api.db import queue
 from api.db.models import Generation, ModelStat, QueueEntry, Request, User
@@ -35,7 +37,8 @@ from api.schemas import (
 from api.settings import Settings
 from api.storage import Storage
 from models.adapters import AdapterCatalog
-from models.catalog import Catalog, Family
+from models.catalog import Catalog, Family, ModelEntry
+from models.reference import ModelReference, load_reference
 
 EXTRA_SOURCE_TAX = 5.0  # kudos per remix image beyond the source, collected as tax
 # Counting the queue ahead of a request stops here; beyond it the position is extrapolated.
@@ -53,6 +56,13 @@ class Context:
     limiter: RateLimiter | None = None
     adapters: AdapterCatalog = field(default_factory=AdapterCatalog)  # LoRAs and TIs
     filters: prompt_filters.FilterCache | None = None  # prompt filters (made by create_app)
+    # The AI Horde's model reference: the models requests may name beyond the served ones
+    # (api/known_models.py); the pinned copy unless given.
+    reference: ModelReference | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.reference is None:
+            self.reference = load_reference()
 
 
 def seed_to_int(seed: str) -> int:
@@ -74,24 +84,35 @@ def seeds_for(body: ImageGenerateRequest) -> list[int]:
     return [(base + i * step) % SEED_SPACE for i in range(p.n)]
 
 
-def _family(ctx: Context, body: ImageGenerateRequest) -> Family:
-    for name in body.models:
-        entry = ctx.catalog.get(name)
-        if entry is None:
-            raise HordeError(400, "UnknownModel", f"models: {name!r} is not served here")
-        if entry.family.kind != "image":
-            raise HordeError(400, "UnknownModel",
-                             f"models: {name!r} is a text model: use /generate/text/async")
-    families = {ctx.catalog.get(n).family for n in body.models}
+@dataclass(frozen=True)
+class RequestModels:
+    """The models an image request names (served, known to the reference, or a customizer's:
+    api/known_models.py), the family whose rules it follows, and the catalog its workflow
+    rules read (the served one, plus entries for the models nothing here runs)."""
+
+    entries: list[ModelEntry]
+    family: Family
+    catalog: Catalog
+
+
+def request_models(ctx: Context, body: ImageGenerateRequest, session=None) -> RequestModels:
+    entries = known_models.resolve(ctx, list(body.models), "image", session)
+    families = {e.family for e in entries}
     if len(families) > 1:
         raise HordeError(400, "MixedModelFamilies",
                          "models: all models of one request must be of one family")
     if families:
-        return families.pop()
-    image_models = [m for m in ctx.catalog.models if m.family.kind == "image"]
-    if not image_models:
-        raise HordeError(400, "UnknownModel", "models: this cluster serves no image model")
-    return image_models[0].family
+        family = families.pop()
+    else:
+        image_models = [m for m in ctx.catalog.models if m.family.kind == "image"]
+        if not image_models:
+            raise HordeError(400, "UnknownModel", "models: this cluster serves no image model")
+        family = image_models[0].family
+    catalog = ctx.catalog
+    unserved = [e for e in entries if e.weights is None]
+    if unserved:
+        catalog = ctx.catalog.with_models(unserved)
+    return RequestModels(entries, family, catalog)
 
 
 def price(ctx: Context, body: ImageGenerateRequest) -> float:
@@ -99,9 +120,9 @@ def price(ctx: Context, body: ImageGenerateRequest) -> float:
     # Prompt filters (api/filters): a dry run is refused like the request would be; without
     # the user at hand it is not counted as suspicion.
     prompt_filters.screen(ctx, body.split_prompt()[0], body.replacement_filter)
-    family = _family(ctx, body)
-    image_workflows.check(ctx.catalog, ctx.adapters, body, family)
-    return _cost(body, family)
+    models = request_models(ctx, body)
+    image_workflows.check(models.catalog, ctx.adapters, body, models.family)
+    return _cost(body, models.family)
 
 
 def _cost(body: ImageGenerateRequest, family: Family) -> float:
@@ -124,16 +145,17 @@ def _cost(body: ImageGenerateRequest, family: Family) -> float:
 def prepare(ctx: Context, body: ImageGenerateRequest) -> image_workflows.StoredSources:
     """Before the request's transaction (blocking, off the event loop): the cheap rules first,
     then the source image and mask fetched or decoded with limits and stored once."""
-    image_workflows.check(ctx.catalog, ctx.adapters, body, _family(ctx, body))
+    models = request_models(ctx, body)
+    image_workflows.check(models.catalog, ctx.adapters, body, models.family)
     return image_workflows.store(ctx.settings, ctx.storage, body)
 
 
-def requirement_warnings(ctx: Context, body: ImageGenerateRequest) -> list[dict[str, str]]:
+def requirement_warnings(entries: list[ModelEntry], body: ImageGenerateRequest) -> list[dict[str, str]]:
     """What in the request is outside the requirements of the models it names (the request is
     still accepted, as on the AI Horde). Codes are horde-sdk's WarningCode values."""
     p, out = body.params, []
-    for name in body.models:
-        req = ctx.catalog.get(name).requirements
+    for entry in entries:
+        name, req = entry.name, entry.requirements
         checks = [
             (req.min_steps is not None and p.steps < req.min_steps, "StepsTooFew",
              f"params.steps: {name} needs at least {req.min_steps} steps"),
@@ -165,9 +187,11 @@ def submit(ctx: Context, user: User, body: ImageGenerateRequest, client_agent: s
     positive, filter_warnings = prompt_filters.screen(ctx, positive, body.replacement_filter,
                                                       session=session, user=user)
     p = body.params
-    family = _family(ctx, body)
-    image_workflows.check(ctx.catalog, ctx.adapters, body, family)
-    warnings = requirement_warnings(ctx, body) + filter_warnings
+    models = request_models(ctx, body, session)
+    family = models.family
+    image_workflows.check(models.catalog, ctx.adapters, body, family)
+    warnings = (requirement_warnings(models.entries, body) + filter_warnings
+                + known_models.availability_warnings(ctx, session, list(body.models), "image"))
     kudos = _cost(body, family)
     anonymous = user.id == ANONYMOUS_USER_ID
     upfront = needs_upfront_kudos(p.width, p.height, p.steps)
@@ -231,15 +255,41 @@ def _load_request(session, request_id: str, kind: str = "image") -> Request:
     return req
 
 
-def _counts(session, request_id: str) -> dict[str, int]:
-    G = Generation
-    rows = session.execute(
-        select(G.state, func.count(), func.sum(case((G.attempts > 1, 1), else_=0)))
-        .where(G.request_id == request_id).group_by(G.state)
-    ).all()
-    counts = {state: n for state, n, _ in rows}
-    counts["restarted"] = sum(int(r or 0) for _, _, r in rows)
-    return counts
+class RequestSummary(NamedTuple):
+    """What the status routes read of a request (not the whole row: prompts and params stay)."""
+
+    id: str
+    kind: str
+    models: list
+    kudos: float
+    r2: bool
+    shared: bool
+
+
+def _with_counts_statement():
+    """The request's columns and, per state of its generations, their count, those restarted
+    and those expired because no worker took them (api/known_models.py): one row per state
+    (one with state NULL when it has none). Built once; each check binds `rid`."""
+    R, G = Request, Generation
+    return (select(R.id, R.kind, R.models, R.kudos, R.r2, R.shared, G.state, func.count(G.id),
+                   func.sum(case((G.attempts > 1, 1), else_=0)),
+                   func.sum(case((G.fault_reason == known_models.UNCLAIMED_REASON, 1), else_=0)))
+            .select_from(R).outerjoin(G, G.request_id == R.id)
+            .where(R.id == bindparam("rid")).group_by(R.id, G.state))
+
+
+_WITH_COUNTS = _with_counts_statement()
+
+
+def _load_with_counts(session, request_id: str, kind: str) -> tuple[RequestSummary, dict[str, int]]:
+    rows = session.execute(_WITH_COUNTS, {"rid": request_id}).all()
+    if not rows or rows[0][1] != kind:
+        raise HordeError(404, "RequestNotFound", f"id: request {request_id} not found")
+    req = RequestSummary(*rows[0][:6])
+    counts = {state: n for *_, state, n, _, _ in rows if state is not None}
+    counts["restarted"] = sum(int(r or 0) for *_, r, _ in rows)
+    counts["expired"] = sum(int(e or 0) for *_, e in rows)
+    return req, counts
 
 
 @functools.lru_cache(maxsize=32)
@@ -269,7 +319,7 @@ def _estimate_statement(n_models: int):
                   func.max(ahead.c.sort_key), mine, stats.scalar_subquery())
 
 
-def _queue_estimate(session, req: Request, waiting: int) -> tuple[int, int]:
+def _queue_estimate(session, req: RequestSummary, waiting: int) -> tuple[int, int]:
     """(queue_position, wait_time): generations ahead of this request in the queues of its
     models, and seconds until its last waiting one is expected to finish.
 
@@ -290,20 +340,26 @@ def _queue_estimate(session, req: Request, waiting: int) -> tuple[int, int]:
     return position, int(round((position + waiting) * per_image))
 
 
-def check(ctx: Context, session, request_id: str, kind: str = "image") -> tuple[Request, RequestStatusCheck]:
-    req = _load_request(session, request_id, kind)
-    c = _counts(session, req.id)
+def check(ctx: Context, session, request_id: str,
+          kind: str = "image") -> tuple[RequestSummary, RequestStatusCheck]:
+    """A request's progress (`/generate/check`): one statement for the request and its
+    counts, one for its place in the queue while some of it waits."""
+    req, c = _load_with_counts(session, request_id, kind)
     waiting, processing = c.get("waiting", 0), c.get("processing", 0)
     position, wait = _queue_estimate(session, req, waiting)
     faulted = c.get("faulted", 0) > 0
+    expired = c["expired"] > 0
+    # Only a request still waiting asks whether any worker can take it (one statement, and
+    # only when it names no model the cluster serves).
+    possible = known_models.is_possible(ctx, session, req, expired) if waiting else not expired
     return req, RequestStatusCheck(
         finished=c.get("done", 0), processing=processing, restarted=c["restarted"],
         waiting=waiting, done=waiting + processing == 0 and not faulted, faulted=faulted,
-        wait_time=wait, queue_position=position, kudos=req.kudos, is_possible=True,
+        wait_time=wait, queue_position=position, kudos=req.kudos, is_possible=possible,
     )
 
 
-def _image_field(ctx: Context, req: Request, key: str) -> str:
+def _image_field(ctx: Context, req: RequestSummary, key: str) -> str:
     if req.r2:
         return ctx.storage.url(key)
     return base64.b64encode(ctx.storage.get(key)).decode()

@@ -20,6 +20,7 @@ from collections import defaultdict
 
 from sqlalchemy import insert, select, update
 
+from api import metrics
 from api.db.models import KudosEntry, User
 
 HORDE_ACCOUNT_MARKER = "horde"
@@ -59,12 +60,14 @@ def record(session, rows: list[tuple[int, float, str]], ref: str | None = None,
         if deltas[uid]:
             session.execute(update(User).where(User.id == uid)
                             .values(kudos=User.kudos + deltas[uid]))
+    metrics.kudos_moved(session, rows)
     return txn
 
 
 def award(session, user_id: int, amount: float, kind: str = "award", ref: str | None = None) -> str:
     """Kudos from the horde's account (an admin award, an uptime bonus); negative takes back."""
     horde = horde_account_id(session)
+    metrics.kudos_awarded(session, amount, kind)
     return record(session, [(user_id, amount, kind), (horde, -amount, kind)], ref)
 
 

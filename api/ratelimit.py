@@ -22,6 +22,7 @@ from functools import lru_cache
 
 from limits import RateLimitItem, parse, storage, strategies
 
+from api import metrics
 from api.errors import HordeError
 
 
@@ -68,6 +69,11 @@ class CallerCache:
         self._entries: OrderedDict[str, tuple[float, Caller | None]] = OrderedDict()
         self._lock = threading.Lock()
 
+    def cached(self, digest: str) -> bool:
+        with self._lock:
+            hit = self._entries.get(digest)
+            return hit is not None and hit[0] > time.monotonic()
+
     def get(self, digest: str, load: Callable[[], Caller | None]) -> Caller | None:
         now = time.monotonic()
         with self._lock:
@@ -87,6 +93,9 @@ class RateLimiter:
     def __init__(self, storage_uri: str, limits: dict[str, str]):
         """`limits`: route group -> limit string ("60/minute")."""
         self.strategy = strategies.MovingWindowRateLimiter(storage.storage_from_string(storage_uri))
+        # Counting in memory takes microseconds and never blocks: the routes count on the
+        # event loop then; a network store (Redis) is counted from the thread pool.
+        self.in_memory = storage_uri.startswith("memory://")
         self.limits = {group: parse_limit(text) for group, text in limits.items()}
         self.callers = CallerCache()
 
@@ -98,6 +107,7 @@ class RateLimiter:
             reset_at, _ = self.strategy.get_window_stats(item, group, subject)
             retry = max(1, math.ceil(reset_at - time.time()))
             who = "user" if subject.startswith("user:") else "address"
+            metrics.rate_limited(group)
             raise HordeError(429, "TooManyRequests",
                              f"too many {group} requests from this {who}: at most {item}; "
                              f"retry in {retry} s", headers={"Retry-After": str(retry)})

@@ -116,6 +116,14 @@ class Settings(BaseSettings):
     # uploads (a presigned PUT cannot be capped) at submit. max_body_bytes bounds both too.
     max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1)
 
+    # Models beyond the cluster's own (api/known_models.py). A request for a model of the AI
+    # Horde's model reference that nobody serves waits for an HTTP volunteer; when no worker has
+    # taken a job of it for this long (the AI Horde's 20 minutes), its waiting generations end
+    # faulted. 0: they wait for ever.
+    unclaimed_expiry_seconds: float = Field(1200.0, ge=0)
+    # Where `rayhorde models pull` saves the weights of the reference's models.
+    models_dir: str = "./data/models"
+
 
 @lru_cache
 def get_settings() -> Settings:

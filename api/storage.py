@@ -37,6 +37,9 @@ class Storage(Protocol):
         """Store `src`'s bytes under `dst` too, replacing what was there."""
         ...
     def url(self, key: str) -> str: ...
+    def older_keys(self, prefix: str, older_than: float, limit: int) -> list[str]:
+        """Up to `limit` keys under `prefix` last written before `older_than` (epoch s)."""
+        ...
     def upload_url(self, key: str, ttl: int) -> str:
         """A URL an HTTP worker can PUT the object's bytes to, valid for `ttl` seconds."""
         ...
@@ -100,6 +103,23 @@ class LocalStorage:
     def url(self, key: str) -> str:
         return f"{self.public_url}/api/v2/objects/{check_key(key)}"
 
+    def older_keys(self, prefix: str, older_than: float, limit: int) -> list[str]:
+        base = self.path(prefix)
+        if not base.is_dir():
+            return []
+        found = []
+        for path in base.rglob("*"):
+            if path.name.startswith(".tmp-") or not path.is_file():
+                continue
+            try:
+                if path.stat().st_mtime < older_than:
+                    found.append(path.relative_to(self.root).as_posix())
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+            if len(found) >= limit:
+                break
+        return found
+
     def upload_url(self, key: str, ttl: int) -> str:
         expires = int(time.time()) + ttl
         sig = upload_signature(self.secret, check_key(key), expires)
@@ -150,6 +170,18 @@ class S3Storage:
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=check_key(key))
+
+    def older_keys(self, prefix: str, older_than: float, limit: int) -> list[str]:
+        found = []
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=check_key(prefix) + "/", PaginationConfig={"PageSize": 1000})
+        for page in pages:
+            for obj in page.get("Contents", []):
+                if obj["LastModified"].timestamp() < older_than:
+                    found.append(obj["Key"])
+                    if len(found) >= limit:
+                        return found
+        return found
 
     def upload_url(self, key: str, ttl: int) -> str:
         return self.client.generate_presigned_url(

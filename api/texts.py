@@ -9,7 +9,7 @@ import uuid
 
 from sqlalchemy import select
 
-from api import admission
+from api import admission, known_models
 from api.db import queue
 from api.db.models import Generation, Request, User
 from api.errors import HordeError
@@ -24,8 +24,9 @@ ENGINE_PARAMS = ("temperature", "top_p", "top_k", "typical", "min_p", "rep_pen",
 
 
 def text_models(ctx: Context, names: list[str]) -> list[ModelEntry]:
-    """The catalog entries of the text models a request names (all served text models when it
-    names none)."""
+    """The catalog entries of the served text models a request names (all served text models
+    when it names none). The OpenAI-compatible API takes only these: its calls run on the
+    cluster's own text deployment."""
     if not names:
         served = [m for m in ctx.catalog.models if m.family.kind == "text"]
         if not served:
@@ -41,6 +42,14 @@ def text_models(ctx: Context, names: list[str]) -> list[ModelEntry]:
                              f"models: {name!r} is an image model: use /generate/async")
         out.append(entry)
     return out
+
+
+def horde_text_models(ctx: Context, names: list[str], session=None) -> list[ModelEntry]:
+    """The text models a horde request names: served ones, models of the AI Horde's reference
+    (HTTP volunteers run them), or names a customizer's worker offers (api/known_models.py)."""
+    if not names:
+        return text_models(ctx, names)
+    return known_models.resolve(ctx, names, "text", session)
 
 
 def check_limits(models: list[ModelEntry], max_length: int, max_context_length: int,
@@ -72,6 +81,17 @@ def horde_request_warnings(body: TextGenerateRequest) -> list[dict[str, str]]:
     return warnings
 
 
+def engine_warnings(ctx: Context, body: TextGenerateRequest) -> list[dict[str, str]]:
+    """Parameters the engine of a served model the request may run on cannot honour (vLLM:
+    typical, rep_pen_range; ModelEntry.unsupported_text_params): it generates without them."""
+    params = horde_params(body)
+    return [{"code": "UnsupportedParameter",
+             "message": f"params.{name}: not implemented by the {m.engine} engine of {m.name}; "
+                        "generated without it there"}
+            for m in ctx.catalog.models if m.family.kind == "text" and (not body.models or m.name in body.models)
+            for name in m.unsupported_text_params(params)]
+
+
 def horde_params(body: TextGenerateRequest) -> dict:
     """What a queued horde text request stores: the sizes and the engine's parameters."""
     p = body.params
@@ -94,7 +114,7 @@ def submit(ctx: Context, session, user: User, *, prompt: str, params: dict, mode
     sampling parameters (and `messages` for a chat); `chat` requests run only on the cluster's
     own text deployment, which renders the model's chat template (HTTP text workers take a
     plain prompt). Everything that can refuse it runs before the first write."""
-    entries = text_models(ctx, models)
+    entries = text_models(ctx, models) if chat else horde_text_models(ctx, models, session)
     n, max_length, context = params["n"], params["max_length"], params["max_context_length"]
     check_limits(entries, max_length, context)
     admission.check_capacity(ctx, session, user, requester, n)
@@ -135,12 +155,13 @@ def submit_horde(ctx: Context, session, user: User, body: TextGenerateRequest, r
                  client_agent=client_agent, workers=body.workers,
                  worker_blacklist=body.worker_blacklist, trusted_workers=body.trusted_workers,
                  slow_workers=body.slow_workers, extra_slow_workers=body.extra_slow_workers)
-    return req, horde_request_warnings(body)
+    return req, (horde_request_warnings(body) + engine_warnings(ctx, body)
+                 + known_models.availability_warnings(ctx, session, list(body.models), "text"))
 
 
 def price(ctx: Context, body: TextGenerateRequest) -> float:
     p = body.params
-    check_limits(text_models(ctx, body.models), p.max_length, p.max_context_length)
+    check_limits(horde_text_models(ctx, body.models), p.max_length, p.max_context_length)
     return text_cost(max_length=p.max_length, max_context_length=p.max_context_length, n=p.n)
 
 

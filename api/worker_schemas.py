@@ -124,8 +124,12 @@ class WorkerDetails(BaseModel):
     threads: int
     uptime: int
     uncompleted_jobs: int
-    max_pixels: int | None = None
+    max_pixels: int | None = None  # image workers
     megapixelsteps_generated: int | None = None
+    # Text workers: the most tokens they generate, and of context they take; tokens made.
+    max_length: int | None = None
+    max_context_length: int | None = None
+    tokens_generated: int | None = None
     info: str | None = None
     owner: str | None = None
     models: list[str]

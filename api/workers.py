@@ -18,8 +18,9 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
-from api import ledger
+from api import known_models, ledger, metrics
 from api.db import queue
 from api.db.models import Generation, User, Worker
 from api.errors import HordeError
@@ -146,11 +147,12 @@ def capabilities(ctx: Context, user: User, worker: Worker, body: ImagePopInput,
         if allowed:
             features |= feature
     max_steps = None
+    entries = {m: known_models.known_entry(ctx, m, "image") for m in models}
     if body.limit_max_steps:
-        limits = [ctx.catalog.get(m).requirements.max_steps for m in models if ctx.catalog.get(m)]
+        limits = [e.requirements.max_steps for e in entries.values() if e]
         max_steps = max((x for x in limits if x is not None), default=None)
     # Requests that name no model run on the first model that is not inpainting-only.
-    any_model = next((m for m in models if not (e := ctx.catalog.get(m)) or not e.inpainting), "")
+    any_model = next((m for m in models if not (e := entries[m]) or not e.inpainting), "")
     return queue.Capabilities(
         worker_id=worker.id, models=models, any_model=any_model, max_pixels=body.max_pixels,
         nsfw=body.nsfw,
@@ -161,30 +163,39 @@ def capabilities(ctx: Context, user: User, worker: Worker, body: ImagePopInput,
 
 
 def served_models(ctx: Context, user: User, models: list[str], kind: str):
-    """(the models a worker offers that this horde serves, a message naming the others). Only
-    a customizer's workers may offer models outside the catalog."""
-    served = [m for m in models
-              if (e := ctx.catalog.get(m)) and e.family.kind == kind or
-              (user.customizer and not e)]
-    unknown = [m for m in models if m not in served]
+    """(the models a worker may offer of those it names, a message naming the others). A
+    worker may offer the models this horde serves and those of the AI Horde's model reference,
+    of its kind; a customizer's workers also names neither knows (api/known_models.py). The
+    others are ignored, as the AI Horde ignores unknown models, and the pop says which."""
+    accepted, refused = known_models.accepted_offer(ctx, user, models, kind)
     message = None
-    if unknown:
-        message = PopMessage(message=f"models: not served by this horde as {kind} models, "
-                                     f"ignored: {', '.join(unknown[:20])}", origin="rayhorde")
-    return served, ([message] if message else None)
+    if refused:
+        message = PopMessage(message=f"models: neither served by this horde nor {kind} models of "
+                                     f"the AI Horde's model reference, ignored: "
+                                     f"{', '.join(refused[:20])}", origin="rayhorde")
+    return accepted, ([message] if message else None)
 
 
-def pop_image(ctx: Context, user: User, body: ImagePopInput) -> ImagePopResponse:
+def owner_of(caller: User | Callable[[Session], User], session: Session) -> User:
+    """A pop's worker owner: given, or authenticated by the route inside the pop's own
+    transaction (one transaction per pop, not one to authenticate and one to claim)."""
+    return caller(session) if callable(caller) else caller
+
+
+def pop_image(ctx: Context, caller: User | Callable[[Session], User],
+              body: ImagePopInput) -> ImagePopResponse:
     now = time.time()
-    served, messages = served_models(ctx, user, body.models, "image")
-    declared = {
-        "models": list(body.models), "max_pixels": body.max_pixels, "nsfw": body.nsfw,
-        "threads": body.threads, "bridge_agent": body.bridge_agent[:200],
-        "capabilities": {k: getattr(body, k) for k in (
-            "allow_img2img", "allow_painting", "allow_post_processing", "allow_controlnet",
-            "allow_sdxl_controlnet", "allow_lora", "extra_slow_worker", "require_upfront_kudos")},
-    }
     with ctx.db.write() as session:
+        user = owner_of(caller, session)
+        served, messages = served_models(ctx, user, body.models, "image")
+        declared = {
+            "models": served, "max_pixels": body.max_pixels, "nsfw": body.nsfw,
+            "threads": body.threads, "bridge_agent": body.bridge_agent[:200],
+            "capabilities": {k: getattr(body, k) for k in (
+                "allow_img2img", "allow_painting", "allow_post_processing", "allow_controlnet",
+                "allow_sdxl_controlnet", "allow_lora", "extra_slow_worker",
+                "require_upfront_kudos")},
+        }
         worker = worker_for_pop(ctx, session, user, body.name, "image", declared, now)
         caps = capabilities(ctx, user, worker, body, served)
         jobs = queue.claim_in(session, caps, body.amount, now, one_request=True)
@@ -192,6 +203,7 @@ def pop_image(ctx: Context, user: User, body: ImagePopInput) -> ImagePopResponse
             # Reason names are the keys of horde-sdk's skipped model ("post-processing" too).
             return ImagePopResponse(payload={}, ids=[], messages=messages,
                                     skipped=queue.skipped_in(session, caps))
+    metrics.jobs_claimed(jobs, "http")
     first, p = jobs[0], jobs[0].params
     prompt = first.prompt + (f" ### {first.negative_prompt}" if first.negative_prompt else "")
     payload = {
@@ -240,6 +252,8 @@ class Held(NamedTuple):
     worker_name: str
     seed: int
     request_id: str
+    model: str | None = None  # for metrics
+    started_at: float | None = None  # when it was claimed
 
 
 def record(ctx: Context, user: User, generation_id: str, state: str,
@@ -275,6 +289,7 @@ def submit_image(ctx: Context, user: User, body: JobSubmitInput) -> float:
             censored=censored, gen_metadata=metadata)
 
     reward, held = record(ctx, user, body.id, body.state, result)
+    metrics.job_submitted(held.model, "image", body.state, held.started_at)
     if body.state == "faulted" or body.generation == "R2":
         # Once committed: the result was copied under its final key (or the claim ended), and
         # a submit that failed before this point keeps its upload, to be sent again.
@@ -287,13 +302,13 @@ def held_by(session, user: User, generation_id: str) -> Held:
     error for why not. One statement."""
     row = session.execute(
         select(Generation.state, Generation.claim_id, Generation.seed, Worker.id, Worker.name,
-               Worker.owner_id, Generation.request_id)
+               Worker.owner_id, Generation.request_id, Generation.model, Generation.started_at)
         .outerjoin(Worker, Worker.id == Generation.claimed_by)
         .where(Generation.id == generation_id)
     ).first()
     if row is None:
         raise HordeError(404, "InvalidJobID", f"id: no generation {generation_id}")
-    state, claim_id, seed, worker_id, worker_name, owner_id, request_id = row
+    state, claim_id, seed, worker_id, worker_name, owner_id, request_id, model, started_at = row
     if state == "done":
         raise HordeError(400, "DuplicateGen", f"id: generation {generation_id} was already submitted")
     if state == "cancelled":
@@ -302,7 +317,7 @@ def held_by(session, user: User, generation_id: str) -> Held:
         raise HordeError(400, "RequestExpired",
                          f"id: generation {generation_id} is not held by your workers: its time "
                          "to live ran out and it went back to the queue")
-    return Held(claim_id, worker_id, worker_name, seed, request_id)
+    return Held(claim_id, worker_id, worker_name, seed, request_id, model, started_at)
 
 
 def _store_result(ctx: Context, body: JobSubmitInput, upload: str, key: str) -> str:
@@ -367,17 +382,19 @@ def censored_placeholder(storage) -> str:
     return CENSORED_PLACEHOLDER_KEY
 
 
-def pop_text(ctx: Context, user: User, body: TextPopInput) -> TextPopResponse:
+def pop_text(ctx: Context, caller: User | Callable[[Session], User],
+             body: TextPopInput) -> TextPopResponse:
     """The text worker protocol's pop: like an image pop, with the worker's token limits
     instead of pixels. Chat requests (OpenAI messages) stay with the cluster's own deployment."""
     now = time.time()
-    served, messages = served_models(ctx, user, body.models, "text")
-    declared = {"models": list(body.models), "max_length": body.max_length,
-                "max_context_length": body.max_context_length, "nsfw": body.nsfw,
-                "threads": body.threads, "bridge_agent": body.bridge_agent[:200],
-                "capabilities": {"extra_slow_worker": body.extra_slow_worker,
-                                 "require_upfront_kudos": body.require_upfront_kudos}}
     with ctx.db.write() as session:
+        user = owner_of(caller, session)
+        served, messages = served_models(ctx, user, body.models, "text")
+        declared = {"models": served, "max_length": body.max_length,
+                    "max_context_length": body.max_context_length, "nsfw": body.nsfw,
+                    "threads": body.threads, "bridge_agent": body.bridge_agent[:200],
+                    "capabilities": {"extra_slow_worker": body.extra_slow_worker,
+                                     "require_upfront_kudos": body.require_upfront_kudos}}
         worker = worker_for_pop(ctx, session, user, body.name, "text", declared, now)
         caps = queue.Capabilities(
             worker_id=worker.id, models=served, kind="text", max_length=body.max_length,
@@ -390,6 +407,7 @@ def pop_text(ctx: Context, user: User, body: TextPopInput) -> TextPopResponse:
         if not jobs:
             return TextPopResponse(payload={}, ids=[], messages=messages,
                                    skipped=queue.skipped_in(session, caps))
+    metrics.jobs_claimed(jobs, "http")
     first = jobs[0]
     payload = {"prompt": first.prompt, "n": len(jobs),
                **{k: v for k, v in first.params.items() if k in TEXT_PAYLOAD_KEYS}}
@@ -405,8 +423,10 @@ TEXT_PAYLOAD_KEYS = ("max_length", "max_context_length", "temperature", "top_p",
 
 
 def submit_text(ctx: Context, user: User, body: TextSubmitInput) -> float:
-    return record(ctx, user, body.id, body.state, lambda held: queue.Result(
+    reward, held = record(ctx, user, body.id, body.state, lambda held: queue.Result(
         generation_id=body.id, claim_id=held.claim_id, storage_key=None, seed=held.seed,
         worker_id=held.worker_id, worker_name=held.worker_name, owner_id=user.id,
         censored=body.state in ("censored", "csam"), gen_metadata=list(body.gen_metadata),
-        text="" if body.state == "csam" else body.generation))[0]
+        text="" if body.state == "csam" else body.generation))
+    metrics.job_submitted(held.model, "text", body.state, held.started_at)
+    return reward

@@ -157,7 +157,13 @@ class VolunteerBridge:
                 worker = session.get(Worker, node.worker_id)
                 worker.last_seen = now
                 worker.uptime_seconds += min(elapsed, s.node_heartbeat_seconds * 3)
-                if s.uptime_bonus_kudos and now - worker.last_bonus_at >= s.uptime_bonus_seconds:
-                    worker.last_bonus_at = now
+                if now - worker.last_bonus_at < s.uptime_bonus_seconds:
+                    continue
+                # As for HTTP workers (api/workers.py worker_for_pop): only a period in which
+                # the node finished a job for someone else earns the bonus; being connected
+                # alone mints nothing.
+                worked = worker.last_job_at is not None and worker.last_job_at >= worker.last_bonus_at
+                worker.last_bonus_at = now
+                if worked and s.uptime_bonus_kudos:
                     ledger.award(session, node.owner_id, s.uptime_bonus_kudos, kind="uptime",
                                  ref=node.worker_id)

@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     add_worker_parser(sub)
     from cluster.run_cli import add_parser as add_run_parser
     add_run_parser(sub)
+    from cluster.models_cli import add_parser as add_models_parser
+    add_models_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

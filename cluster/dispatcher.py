@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from ray import serve
 from sqlalchemy import select
 
-from api import ledger
+from api import ledger, metrics
 from api.alchemy import forms as alchemy_forms
 from api.db import queue
 from api.db.models import Generation, Worker
@@ -88,6 +88,10 @@ class FamilyRoute:
     # A volunteer node whose replica just failed gets no new work for a while: most often the
     # node is going away, and the bridge has yet to notice (each claim costs an attempt).
     paused_until: float = 0.0
+
+    @property
+    def worker_kind(self) -> str:  # as api/metrics.py tags it
+        return "cluster" if self.app_name is None else "node"
 
     def failed(self) -> None:
         if self.app_name is not None:
@@ -276,6 +280,7 @@ class Dispatcher:
                         time.monotonic() - last_bridge > self.volunteers["poll_seconds"]:
                     last_bridge = time.monotonic()
                     await self._refresh_volunteers()
+                await metrics.refresh_queue_depth(self.db)
                 if time.monotonic() - last_expire > self.expire_seconds:
                     last_expire = time.monotonic()
                     await asyncio.to_thread(queue.expire, self.db, self.settings.max_attempts,
@@ -404,6 +409,7 @@ class Dispatcher:
                                       any_model=route.any_model, kind=route.kind, trusted=True, max_length=UNLIMITED,
                                       max_context_length=UNLIMITED)
             jobs = await asyncio.to_thread(queue.claim, self.db, caps, room)
+            metrics.jobs_claimed(jobs, route.worker_kind)
             # Images of one request go as one batch (one pipeline call); text generations one
             # by one, and the LLM replica batches whatever arrives together.
             groups = batches(jobs) if route.kind == "image" else [[j] for j in jobs]
@@ -451,14 +457,17 @@ class Dispatcher:
                         multiplexed_model_id=job.model).generate.remote(job))
                 if job.post_processing:  # graph nodes after the generation, on their own deployment
                     result = await self._post_process(job, result)
+                metrics.graph_timings(job.workflow.value, result)
                 if batch[0].censor_nsfw:  # the requester asked (education accounts always do)
                     flags = await self.alchemist.nsfw_flags(result["images"])
                     result = {**result, "nsfw": flags}
             await asyncio.to_thread(self._store, route, batch, result)
             self.completed += len(batch)
         except TimeoutError:
+            metrics.jobs_faulted(batch, route.worker_kind, rejected=False)
             await self._failed(route, claims, TimeoutError(f"no result within the job's {ttl} s"))
         except Exception as exc:
+            metrics.jobs_faulted(batch, route.worker_kind, rejected=is_rejection(exc))
             await self._failed(route, claims, exc)
         finally:
             route.in_flight -= len(batch)
@@ -516,15 +525,17 @@ class Dispatcher:
             if result is None:
                 raise RuntimeError("the text stream ended without a result")
             worker_id, worker_name, owner_id = self._credit(route, result.get("node_id"))
-            await asyncio.to_thread(queue.finish, self.db, [queue.Result(
+            finished = await asyncio.to_thread(queue.finish, self.db, [queue.Result(
                 generation_id=job.generation_id, claim_id=job.claim_id, storage_key=None,
                 seed=job.seed, worker_id=worker_id, worker_name=worker_name,
                 owner_id=owner_id, text=result["text"],
                 prompt_tokens=result["prompt_tokens"],
                 completion_tokens=result["completion_tokens"],
                 finish_reason=result["finish_reason"])])
+            metrics.jobs_finished([job], route.worker_kind, finished)
             self.completed += 1
         except Exception as exc:
+            metrics.jobs_faulted([job], route.worker_kind, rejected=is_rejection(exc))
             await self._failed(route, [(job.generation_id, job.claim_id)], exc)
         finally:
             self._tell_followers(job.generation_id, None)
@@ -574,4 +585,4 @@ class Dispatcher:
                 seed=seed, worker_id=worker_id, worker_name=worker_name,
                 owner_id=owner_id, gen_metadata=notes, censored=nsfw,
             ))
-        queue.finish(self.db, results)
+        metrics.jobs_finished(batch, route.worker_kind, queue.finish(self.db, results))

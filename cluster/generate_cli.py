@@ -3,8 +3,9 @@
     rayhorde generate "a lighthouse on a cliff ### fog" --model tiny-sd15 --n 2 --out images/
     rayhorde generate --text "Once upon a time" --model tiny-llm --max-length 60
 
-It submits, shows the queue position, wait time and progress while it polls, then saves the
-images (or prints the text, and saves it with --out). Ctrl-C cancels the request.
+It submits, shows a progress bar (finished of n, with the queue position, wait time and what
+is generating) while it polls, then saves the images (or prints the text, and saves it with
+--out). Ctrl-C cancels the request.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import httpx
+from tqdm import tqdm
 
 POLL_SECONDS = 1.0
 
@@ -36,12 +38,22 @@ def _check(r: httpx.Response) -> dict:
     return r.json()
 
 
-def _progress(line: str, stream=sys.stderr) -> None:
-    if stream.isatty():
-        stream.write("\r\033[K" + line)
-    else:
-        stream.write(line + "\n")
-    stream.flush()
+def progress_bar(n: int, unit: str) -> tqdm:
+    return tqdm(total=n, desc="done", unit=unit, file=sys.stderr, dynamic_ncols=True,
+                bar_format="{desc}: {n_fmt}/{total_fmt} {unit}s |{bar}| {elapsed}{postfix}")
+
+
+def show(bar: tqdm, state: dict) -> None:
+    """The bar at a poll's answer: finished of n, and where the rest stands."""
+    bar.n = state["finished"]
+    rest = [f"{state['processing']} generating"] if state["processing"] else []
+    if state["waiting"]:
+        rest.append(f"{state['waiting']} waiting, queue position {state['queue_position']}, "
+                    f"about {state['wait_time']} s")
+    if not state.get("is_possible", True):
+        rest.append("no worker serves its model now")
+    bar.set_postfix_str(", ".join(rest), refresh=False)
+    bar.refresh()
 
 
 def image_body(args: argparse.Namespace) -> dict:
@@ -62,8 +74,9 @@ def text_body(args: argparse.Namespace) -> dict:
     return {"prompt": args.text, "models": [args.model] if args.model else [], "params": params}
 
 
-def run(args: argparse.Namespace, out=sys.stdout) -> list[Path | str]:
+def run(args: argparse.Namespace, out=None) -> list[Path | str]:
     """Submit, wait, save. Returns the files written (images) or the texts."""
+    out = out or sys.stdout  # looked up now: a caller may have replaced it
     base = args.url.rstrip("/") + "/api/v2"
     headers = {"apikey": args.api_key, "Client-Agent": "rayhorde-cli:1:none"}
     is_text = args.text is not None
@@ -75,20 +88,18 @@ def run(args: argparse.Namespace, out=sys.stdout) -> list[Path | str]:
         rid = queued["id"]
         for warning in queued.get("warnings") or []:
             print(f"warning: {warning['message']}", file=sys.stderr)
-        _progress(f"queued {rid} for {queued['kudos']} kudos")
-        try:
-            while True:
-                state = _check(http.get(f"{base}/{poll_path}/{rid}"))
-                _progress(f"{state['finished']}/{args.n} done, {state['processing']} generating, "
-                          f"{state['waiting']} waiting (position {state['queue_position']}, "
-                          f"about {state['wait_time']} s)")
-                if state["done"] or state["faulted"]:
-                    break
-                time.sleep(POLL_SECONDS)
-        except KeyboardInterrupt:
-            _check(http.delete(f"{base}/{status_path}/{rid}"))
-            raise GenerateError(f"cancelled {rid}") from None
-        print(file=sys.stderr)
+        print(f"queued {rid} for {queued['kudos']} kudos", file=sys.stderr, flush=True)
+        with progress_bar(args.n, "text" if is_text else "image") as bar:
+            try:
+                while True:
+                    state = _check(http.get(f"{base}/{poll_path}/{rid}"))
+                    show(bar, state)
+                    if state["done"] or state["faulted"]:
+                        break
+                    time.sleep(POLL_SECONDS)
+            except KeyboardInterrupt:
+                _check(http.delete(f"{base}/{status_path}/{rid}"))
+                raise GenerateError(f"cancelled {rid}") from None
         final = _check(http.get(f"{base}/{status_path}/{rid}"))
         if final["faulted"] and not final["generations"]:
             raise GenerateError(f"request {rid} faulted")

@@ -362,3 +362,64 @@ class PromptFilterVersion(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class SharedKey(Base):
+    """A shared key (`/v2/sharedkeys`, api/sharedkeys): whoever holds its secret may make
+    generation requests that its owner pays for, within its limits. Only a salted digest of
+    the secret is stored; `id` is this row's own id, never shown and never the secret."""
+
+    __tablename__ = "shared_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # Kudos it may still spend (-1: no limit), as the AI Horde counts it: what its requests
+    # cost comes off as they finish, and adds to `utilized`.
+    kudos: Mapped[float] = mapped_column(Double)
+    utilized: Mapped[float] = mapped_column(Double, default=0.0)
+    expiry: Mapped[float | None] = mapped_column(Double, nullable=True)  # epoch seconds
+    # Per request; -1 is no limit.
+    max_image_pixels: Mapped[int] = mapped_column(Integer, default=-1)
+    max_image_steps: Mapped[int] = mapped_column(Integer, default=-1)
+    max_text_tokens: Mapped[int] = mapped_column(Integer, default=-1)
+    created_at: Mapped[float] = mapped_column(Double, default=time.time)
+
+
+class SharedKeyRequest(Base):
+    """A request made with a shared key whose cost is not yet all folded into the key's
+    `kudos` and `utilized`: `settled` is what of it was. The row goes once the request has
+    nothing left to run and is settled (api/sharedkeys/service.py), so a key has only a few.
+    No foreign key to `requests`: the row must never hold a request back from deletion."""
+
+    __tablename__ = "shared_key_requests"
+
+    request_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    shared_key_id: Mapped[str] = mapped_column(ForeignKey("shared_keys.id"), index=True)
+    settled: Mapped[float] = mapped_column(Double, default=0.0)
+
+
+class UsageBucket(Base):
+    """Finished generations per kind (image, text), model and hour since the epoch, folded in
+    from `generations` by api/usage_stats.py for the /stats endpoints; the row with hour
+    LIFETIME_HOUR (-1) holds the model's all-time sums. Hourly rows older than a month go."""
+
+    __tablename__ = "usage_buckets"
+
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    hour: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    generations: Mapped[int] = mapped_column(BigInteger, default=0)
+    megapixelsteps: Mapped[float] = mapped_column(Double, default=0.0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class UsageWatermark(Base):
+    """One row (id 1): generations that finished before `folded_until` are counted in
+    `usage_buckets`; those after it are read from `generations` itself."""
+
+    __tablename__ = "usage_watermark"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    folded_until: Mapped[float] = mapped_column(Double, default=0.0)

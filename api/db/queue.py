@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from enum import IntFlag
 
 from sqlalchemy import and_, bindparam, case, delete, func, literal, not_, or_, select, true, update
@@ -110,6 +111,7 @@ class ClaimedJob:
     source_image_key: str | None = None
     source_mask_key: str | None = None
     extra_sources: list | None = None  # remix: [{key, strength}]
+    submitted_at: float | None = None  # when its request was submitted (claim latency)
 
 
 @dataclass
@@ -200,10 +202,14 @@ def _any_model(caps: Capabilities) -> str | None:
     return caps.models[0] if caps.models else None
 
 
-_JOB_COLUMNS = (Q.c.generation_id, Q.c.model, Q.c.sort_key, Q.c.id, G.c.seed, G.c.position,
-                G.c.attempts, G.c.kudos, R.c.id, R.c.prompt, R.c.negative_prompt, R.c.params,
-                R.c.user_id, R.c.nsfw, R.c.censor_nsfw, R.c.r2, R.c.shared, Q.c.kind,
-                R.c.source_processing, R.c.source_image_key, R.c.source_mask_key, R.c.extra_sources)
+# What a claim reads of each candidate's request and generation, after the candidates are
+# chosen (the branches select only queue columns: the statement stays short enough for
+# psycopg to cache its conversion, and each branch reads no more than it sorts on).
+_GENERATION_COLUMNS = (G.c.seed, G.c.position, G.c.attempts, G.c.kudos, R.c.id, R.c.prompt,
+                       R.c.negative_prompt, R.c.params, R.c.user_id, R.c.nsfw, R.c.censor_nsfw,
+                       R.c.r2, R.c.shared)
+_SOURCE_COLUMNS = (R.c.source_processing, R.c.source_image_key, R.c.source_mask_key,
+                   R.c.extra_sources, R.c.created_at)
 
 
 def claim(db: Database, caps: Capabilities, limit: int, now: float | None = None,
@@ -213,6 +219,56 @@ def claim(db: Database, caps: Capabilities, limit: int, now: float | None = None
     `one_request`: only a batch one pipeline call can make (see claim_in)."""
     with db.write() as session:
         return claim_in(session, caps, limit, time.time() if now is None else now, one_request)
+
+
+def _caps_key(caps: Capabilities) -> tuple:
+    """`caps` as a hashable key: the statements below are built once per distinct claimer
+    (a worker pops with the same capabilities again and again), since building the SQL
+    expression trees costs more than running them."""
+    return tuple(tuple(v) if isinstance(v, list) else v
+                 for v in (getattr(caps, f.name) for f in fields(Capabilities)))
+
+
+@lru_cache(maxsize=1024)
+def _claim_statement(key: tuple, limit: int, pg: bool):
+    """The claim's candidate query for one claimer: a UNION ALL of one index-ordered branch
+    per model (and one for its priority users), each at most `limit` rows."""
+    caps = Capabilities(*key)
+    conditions = [cond for _, cond in _rules(caps)]
+    branches = []
+
+    def branch(tier: int, *where):
+        stmt = (select(literal(tier).label("tier"), Q.c.generation_id, Q.c.model, Q.c.sort_key,
+                       Q.c.id, Q.c.kind)
+                .join(G, G.c.id == Q.c.generation_id))
+        if caps.blacklist:  # the only rule that reads the request (its prompt)
+            stmt = stmt.join(R, R.c.id == G.c.request_id)
+        stmt = (stmt.where(G.c.state == "waiting", *where, *conditions)
+                .order_by(Q.c.sort_key, Q.c.id).limit(limit))
+        if pg:
+            stmt = stmt.with_for_update(of=G, skip_locked=True)
+        branches.append(select(stmt.subquery()))
+
+    if caps.priority_user_ids:  # reads ix_queue_user
+        branch(0, Q.c.user_id.in_(caps.priority_user_ids))
+    for model in [*caps.models, ANY_MODEL] if _any_model(caps) else caps.models:  # each reads ix_queue_claim
+        branch(1, Q.c.model == model)
+    cand = branches[0].union_all(*branches[1:]).subquery()
+    return (select(cand.c.tier, cand.c.generation_id, cand.c.model, cand.c.sort_key, cand.c.id,
+                   *_GENERATION_COLUMNS, cand.c.kind, *_SOURCE_COLUMNS)
+            .join(G, G.c.id == cand.c.generation_id).join(R, R.c.id == G.c.request_id))
+
+
+@lru_cache(maxsize=1024)
+def _skipped_statement(key: tuple):
+    """skipped_in's statement for one claimer (see _claim_statement)."""
+    rules = _rules(Capabilities(*key))
+    reason = case(*[(not_(cond), name) for name, cond in rules], else_=None).label("reason")
+    sample = (select(reason).select_from(Q.join(G, G.c.id == Q.c.generation_id)
+                                          .join(R, R.c.id == G.c.request_id))
+              .where(G.c.state == "waiting").order_by(Q.c.sort_key, Q.c.id)
+              .limit(SKIPPED_SAMPLE).subquery())
+    return select(sample.c.reason, func.count()).group_by(sample.c.reason)
 
 
 def claim_in(session, caps: Capabilities, limit: int, now: float,
@@ -227,30 +283,14 @@ def claim_in(session, caps: Capabilities, limit: int, now: float,
     """
     if not caps.models or limit <= 0:
         return []
-    conditions = [cond for _, cond in _rules(caps)]
-    pg = session.bind.dialect.name == "postgresql"
-    branches = []
-
-    def branch(tier: int, *where):
-        stmt = (select(literal(tier).label("tier"), *_JOB_COLUMNS)
-                .join(G, G.c.id == Q.c.generation_id).join(R, R.c.id == G.c.request_id)
-                .where(G.c.state == "waiting", *where, *conditions)
-                .order_by(Q.c.sort_key, Q.c.id).limit(limit))
-        if pg:
-            stmt = stmt.with_for_update(of=G, skip_locked=True)
-        branches.append(select(stmt.subquery()))
-
-    if caps.priority_user_ids:  # reads ix_queue_user
-        branch(0, Q.c.user_id.in_(caps.priority_user_ids))
     any_model = _any_model(caps)
-    for model in [*caps.models, ANY_MODEL] if any_model else caps.models:  # each reads ix_queue_claim
-        branch(1, Q.c.model == model)
-    rows = session.execute(branches[0].union_all(*branches[1:])).all()
+    pg = session.bind.dialect.name == "postgresql"
+    rows = session.execute(_claim_statement(_caps_key(caps), limit, pg)).all()
     chosen: dict[str, ClaimedJob] = {}
     for row in sorted(rows, key=lambda r: (r[0], r[3], r[4])):
         (_tier, gen_id, model, _key, _qid, seed, position, attempts, kudos, request_id,
          prompt, negative, params, user_id, nsfw, censor, r2, shared, kind, source_processing,
-         source_key, mask_key, extra_sources) = row
+         source_key, mask_key, extra_sources, submitted_at) = row
         if gen_id in chosen:
             continue
         if one_request and chosen:
@@ -267,7 +307,7 @@ def claim_in(session, caps: Capabilities, limit: int, now: float,
             deadline=now + ttl, ttl=ttl, attempts=attempts + 1, kudos=kudos,
             user_id=user_id, nsfw=nsfw, censor_nsfw=censor, r2=r2, shared=shared, kind=kind,
             source_processing=source_processing, source_image_key=source_key,
-            source_mask_key=mask_key, extra_sources=extra_sources)
+            source_mask_key=mask_key, extra_sources=extra_sources, submitted_at=submitted_at)
         if len(chosen) == limit:
             break
     jobs = list(chosen.values())
@@ -288,13 +328,7 @@ def skipped_in(session, caps: Capabilities) -> dict[str, int]:
     """Why `caps` got nothing: for each of the first SKIPPED_SAMPLE waiting generations (in
     queue order, whatever their model), the first rule it failed, counted by reason. One
     statement; it reads ix_queue_sort."""
-    rules = _rules(caps)
-    reason = case(*[(not_(cond), name) for name, cond in rules], else_=None).label("reason")
-    sample = (select(reason).select_from(Q.join(G, G.c.id == Q.c.generation_id)
-                                          .join(R, R.c.id == G.c.request_id))
-              .where(G.c.state == "waiting").order_by(Q.c.sort_key, Q.c.id)
-              .limit(SKIPPED_SAMPLE).subquery())
-    rows = session.execute(select(sample.c.reason, func.count()).group_by(sample.c.reason)).all()
+    rows = session.execute(_skipped_statement(_caps_key(caps))).all()
     return {name: count for name, count in rows if name is not None}
 
 

@@ -17,6 +17,7 @@ from api.errors import HordeError
 from api.images import Context
 from api.ratelimit import Caller, address_subject, at_least, user_subject
 from api.schemas import RequestAsyncResponse
+from api.sharedkeys import service as shared_keys
 
 
 def ctx_of(request: Request) -> Context:
@@ -111,21 +112,47 @@ def submit_limit(settings, caller: Caller) -> str:
 def rate_limited(group: str) -> Callable:
     """A route dependency counting the call against `group`'s limit: a user's key counts
     against that user wherever it calls from (submits at the user's tier), anything else
-    against the client address."""
+    against the client address. It runs on the event loop when it needs neither the database
+    nor a network store (an in-memory limiter, the key's user cached or no key at all), and
+    in the thread pool otherwise: a hop to a thread costs as much as the count itself."""
 
-    def dependency(request: Request, apikey: str | None = Header(None),
-                   authorization: str | None = Header(None)) -> None:
-        ctx = ctx_of(request)
-        if ctx.limiter is None:
-            return
-        caller = known_caller(ctx, request_key(apikey, authorization))
+    def count(ctx: Context, key: str | None, ip: str) -> None:
+        caller = known_caller(ctx, key)
         if caller is None:
-            ctx.limiter.check(group, address_subject(client_ip(request)))
+            ctx.limiter.check(group, address_subject(ip))
         else:
             limit = submit_limit(ctx.settings, caller) if group == "submit" else None
             ctx.limiter.check(group, user_subject(caller.user_id), limit)
 
+    async def dependency(request: Request, apikey: str | None = Header(None),
+                         authorization: str | None = Header(None)) -> None:
+        ctx = ctx_of(request)
+        if ctx.limiter is None:
+            return
+        key, ip = request_key(apikey, authorization), client_ip(request)
+        if ctx.limiter.in_memory and not _needs_lookup(ctx, key):
+            count(ctx, key, ip)
+        else:
+            await run_in_threadpool(count, ctx, key, ip)
+
     return dependency
+
+
+def _needs_lookup(ctx: Context, key: str | None) -> bool:
+    """Whether counting a call with `key` reads the database (its user is not cached)."""
+    if key is None or key == ANONYMOUS_KEY or not 10 <= len(key) <= 100:
+        return False
+    return not ctx.limiter.callers.cached(hash_api_key(key, ctx.settings.key_salt))
+
+
+def paying_user(ctx: Context, session, apikey: str | None, body, write: bool):
+    """(user, shared key) of a generation request: the user its key belongs to, or, for a
+    shared key (api/sharedkeys), the key's owner once the key's state and limits allow the
+    request. Statements only for a key of a shared key's form."""
+    shared_key = shared_keys.key_for_request(ctx, session, apikey, body, write)
+    if shared_key is None:
+        return authenticate(ctx, session, apikey), None
+    return session.get(User, shared_key.user_id), shared_key
 
 
 async def accept_request(request: Request, body, apikey: str | None, price: Callable,
@@ -141,7 +168,7 @@ async def accept_request(request: Request, body, apikey: str | None, price: Call
     if body.dry_run:
         def priced() -> float:
             with ctx.db.read() as session:
-                authenticate(ctx, session, apikey)
+                paying_user(ctx, session, apikey, body, write=False)
                 return price(ctx, body)
         return JSONResponse({"kudos": await run_in_threadpool(priced)}, status_code=200)
     agent, ip = client_agent(request), client_ip(request)
@@ -150,8 +177,12 @@ async def accept_request(request: Request, body, apikey: str | None, price: Call
         prepared = prepare(ctx, body) if prepare is not None else None
         try:
             with ctx.db.write() as session:
-                user = authenticate(ctx, session, apikey)
-                return submit(ctx, session, user, body, requester_of(user, ip), agent, prepared)
+                user, shared_key = paying_user(ctx, session, apikey, body, write=True)
+                req, warnings = submit(ctx, session, user, body, requester_of(user, ip), agent,
+                                       prepared)
+                if shared_key is not None:
+                    shared_keys.admit(session, shared_key, req)
+                return req, warnings
         except BaseException:
             if prepared is not None:
                 prepared.delete(ctx.storage)

@@ -44,9 +44,8 @@ def text_cancel(request_id: str, request: Request):
              dependencies=[Depends(rate_limited("pop"))])
 def text_pop(body: TextPopInput, request: Request, apikey: str | None = Header(None)):
     ctx = ctx_of(request)
-    with ctx.db.read() as session:
-        user = registered(ctx, session, apikey, "a worker")
-    return workers.pop_text(ctx, user, body)
+    return workers.pop_text(ctx, lambda session: registered(ctx, session, apikey, "a worker"),
+                            body)
 
 
 @router.post("/generate/text/submit", response_model=JobSubmitResponse,

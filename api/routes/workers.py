@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from api import workers
 from api.db.models import User, Worker
@@ -31,9 +31,8 @@ worker_limit = Depends(rate_limited("pop"))
              dependencies=[worker_limit])
 def generate_pop(body: ImagePopInput, request: Request, apikey: str | None = Header(None)):
     ctx = ctx_of(request)
-    with ctx.db.read() as session:
-        user = registered(ctx, session, apikey, "a worker")
-    return workers.pop_image(ctx, user, body)
+    return workers.pop_image(ctx, lambda session: registered(ctx, session, apikey, "a worker"),
+                             body)
 
 
 @router.post("/generate/submit", response_model=JobSubmitResponse, dependencies=[worker_limit])
@@ -44,34 +43,58 @@ def generate_submit(body: JobSubmitInput, request: Request, apikey: str | None =
     return JobSubmitResponse(reward=round(workers.submit_image(ctx, user, body), 2))
 
 
+def _text_limits(ctx, worker: Worker) -> tuple[int, int]:
+    """(max_length, max_context_length) of a text worker: what it declared at its last pop, or
+    for the cluster's own (which declares nothing) the largest its catalog models take."""
+    if worker.kind != "cluster":
+        return worker.max_length, worker.max_context_length
+    entries = [e for e in map(ctx.catalog.get, worker.models or []) if e is not None]
+    return (max((e.max_length or 0 for e in entries), default=0),
+            max((e.max_context_length or 0 for e in entries), default=0))
+
+
 def details(ctx, worker: Worker, owner: User, now: float) -> WorkerDetails:
+    """A worker as the AI Horde shows it: image workers with their image capabilities, text
+    workers with their token limits."""
     s = ctx.settings
     caps = worker.capabilities or {}
-    speed = worker.megapixelsteps_done / worker.seconds_working if worker.seconds_working else 0.0
     # A Ray-joined node is online while it is in the cluster; an HTTP worker while it pops.
     online = worker.connected if worker.kind == "node" else now - worker.last_seen < s.stale_worker_seconds
+    if worker.type == "text":
+        tps = worker.tokens_generated / worker.seconds_working if worker.seconds_working else 0.0
+        max_length, max_context_length = _text_limits(ctx, worker)
+        by_type = dict(performance=f"{tps:.1f} tokens per second", max_length=max_length,
+                       max_context_length=max_context_length,
+                       tokens_generated=int(worker.tokens_generated))
+    else:
+        mps = worker.megapixelsteps_done / worker.seconds_working if worker.seconds_working else 0.0
+        by_type = dict(
+            performance=f"{mps:.2f} megapixelsteps per second",
+            img2img=caps.get("allow_img2img"), painting=caps.get("allow_painting"),
+            post_processing=caps.get("allow_post_processing"), lora=caps.get("allow_lora"),
+            controlnet=caps.get("allow_controlnet"),
+            sdxl_controlnet=caps.get("allow_sdxl_controlnet"), max_pixels=worker.max_pixels,
+            megapixelsteps_generated=int(worker.megapixelsteps_done))
     return WorkerDetails(
         type=worker.type, name=worker.name, id=worker.id, maintenance_mode=worker.maintenance,
         bridge_agent=worker.bridge_agent or "unknown:0:unknown", online=online,
         nsfw=worker.nsfw, trusted=worker.kind == "cluster" or owner.trusted,
-        flagged=owner.flagged,
-        img2img=caps.get("allow_img2img"), painting=caps.get("allow_painting"),
-        post_processing=caps.get("allow_post_processing"), lora=caps.get("allow_lora"),
-        controlnet=caps.get("allow_controlnet"), sdxl_controlnet=caps.get("allow_sdxl_controlnet"),
-        requests_fulfilled=worker.jobs_done, kudos_rewards=round(worker.kudos_earned, 2),
+        flagged=owner.flagged, requests_fulfilled=worker.jobs_done,
+        kudos_rewards=round(worker.kudos_earned, 2),
         kudos_details=WorkerKudosDetails(generated=round(worker.kudos_earned, 2),
                                          uptime=int(worker.uptime_seconds)),
-        performance=f"{speed:.2f} megapixelsteps per second", threads=worker.threads,
-        uptime=int(worker.uptime_seconds), uncompleted_jobs=worker.dropped_jobs,
-        max_pixels=worker.max_pixels, megapixelsteps_generated=int(worker.megapixelsteps_done),
-        info=worker.info, owner=f"{owner.username}#{owner.id}", models=list(worker.models or []),
+        threads=worker.threads, uptime=int(worker.uptime_seconds),
+        uncompleted_jobs=worker.dropped_jobs, info=worker.info,
+        owner=f"{owner.username}#{owner.id}", models=list(worker.models or []), **by_type,
     )
 
 
 @router.get("/workers", response_model=list[WorkerDetails], response_model_by_alias=True,
             response_model_exclude_none=True)
-def list_workers(request: Request, type: str = Query(""), name: str | None = Query(None)):
-    """Every worker, the cluster's own first. `type=` (empty, as horde-sdk sends it) is all."""
+def list_workers(request: Request, type: str = Query("", max_length=20),
+                 name: str | None = Query(None, max_length=100)):
+    """Every worker, the cluster's own first; `type` (image, text or interrogation; empty,
+    as horde-sdk sends it, is all) and `name` (any case, as on the AI Horde) filter them."""
     if type not in ("", "image", "text", "interrogation"):
         raise HordeError(400, "BadRequest", "type: one of image, text, interrogation")
     ctx = ctx_of(request)
@@ -79,7 +102,7 @@ def list_workers(request: Request, type: str = Query(""), name: str | None = Que
     if type:
         stmt = stmt.where(Worker.type == type)
     if name:
-        stmt = stmt.where(Worker.name == name)
+        stmt = stmt.where(func.lower(Worker.name) == name.lower())
     now = time.time()
     with ctx.db.read() as session:
         rows = session.execute(stmt.order_by(Worker.kind, Worker.name)).all()

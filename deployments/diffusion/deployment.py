@@ -6,23 +6,35 @@ models per replica (picked by multiplexed model id), one pipeline call at a time
 The builder (cluster/app.py) names one deployment per family (`sd15`, `sdxl`, `cascade`), and
 the Serve config applies its options (replicas, autoscaling, GPUs) by that name; nothing about
 scaling is fixed here. `DiffusionGenerator` is the same without Serve (tests, benchmarks).
+
+Each model is set up for the replica's device when loaded (acceleration.py: half precision and
+SDPA attention on a GPU, a float16-safe SDXL VAE, torch.compile when the catalog asks), and a
+replica warms up before it takes requests: it loads its first model and makes one small image
+(at the family's native size on a GPU), so the first request pays neither for loading that
+model nor for CUDA's and the compiler's first-call costs. A `n`-image job is one pipeline call
+with a generator per seed (tasks.py), so image i is the one its seed makes alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from types import ModuleType
 from typing import Any
 
+import torch
 from PIL import Image
 from ray import serve
 
-from deployments.diffusion import cascade, common, sd15, sdxl, tasks
+from deployments.diffusion import acceleration, cascade, common, sd15, sdxl, tasks
 from deployments.jobs import ImageJob, JobRejected
 from models.adapters import AdapterCatalog, AdapterError, AdapterResolver, apply_adapters
 from models.catalog import Catalog, ControlNetEntry, Family, ModelEntry
 from models.loaders import load_controlnet, load_layer_diffuse_for, load_pipeline
 from models.workflows import Workflow
+
+logger = logging.getLogger("ray.serve")
 
 FAMILY_MODULES: dict[Family, ModuleType] = {
     Family.stable_diffusion_1: sd15, Family.stable_diffusion_xl: sdxl, Family.stable_cascade: cascade,
@@ -54,7 +66,22 @@ class DiffusionGenerator:
         if model_name not in self.entries:
             raise JobRejected(f"model: {model_name!r} is not one of this deployment's models: "
                               f"{sorted(self.entries)}")
-        return load_pipeline(self.entries[model_name], self.device)
+        entry = self.entries[model_name]
+        return acceleration.prepare(load_pipeline(entry, self.device), entry, self.device)
+
+    def warm_up(self) -> tuple[str, Any]:
+        """Load the first model that makes images from a prompt alone (inpainting checkpoints
+        need a source) and generate one image with it; (its name, the loaded pipeline). When
+        every model is an inpainting checkpoint, the first is loaded and not run."""
+        runnable = [e for e in self.entries.values() if not e.inpainting]
+        entry = (runnable or list(self.entries.values()))[0]
+        pipe = self.load(entry.name)
+        if runnable:
+            on_gpu = torch.device(self.device).type == "cuda"
+            side = self.family.native_side if on_gpu else 128
+            self.generate(pipe, ImageJob(model=entry.name, prompt="warm-up", seeds=(0,), width=side,
+                                         height=side, steps=2))
+        return entry.name, pipe
 
     def generate(self, pipe: Any, job: ImageJob | dict) -> list[Image.Image]:
         job = ImageJob.parse(job)
@@ -165,18 +192,36 @@ class CascadeGenerator(DiffusionGenerator):
 @serve.deployment(max_ongoing_requests=2)
 class DiffusionDeployment:
     def __init__(self, models: list[dict], adapters: dict | None = None,
-                 controlnets: list[dict] | None = None):
+                 controlnets: list[dict] | None = None, warm_up: bool = True):
         """`models`: ModelEntry.model_dump() dicts, all of one family; `adapters`: the LoRA /
         TI catalog (AdapterCatalog.model_dump()); `controlnets`: the catalog's ControlNets of
-        the family (ControlNetEntry.model_dump())."""
+        the family (ControlNetEntry.model_dump()); `warm_up`: load the first model and make
+        one image before taking requests (module docstring)."""
         if not models:
             raise ValueError("a diffusion deployment needs at least one model")
         self.generator = DiffusionGenerator(Family(models[0]["family"]), models, adapters=adapters,
                                             controlnets=controlnets)
         self.runner = common.ReplicaRunner()
+        self._warmed: dict[str, Any] = {}  # loaded at start, handed to the model cache on first use
+        if warm_up:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        start = time.perf_counter()
+        try:
+            warmed = self.generator.warm_up()
+        except Exception:  # noqa: BLE001 - the replica still serves; the model's jobs will say why
+            logger.exception("warm-up of %s failed", self.generator.family.value)
+            return
+        name, pipe = warmed
+        self._warmed[name] = pipe
+        logger.info("warmed up %s in %.1f s", name, time.perf_counter() - start)
 
     @serve.multiplexed(max_num_models_per_replica=3)
     async def get_pipeline(self, model_name: str) -> Any:
+        warmed = self._warmed.pop(model_name, None)
+        if warmed is not None:
+            return warmed
         # Loading takes seconds to minutes: off the event loop, so the replica keeps answering.
         return await asyncio.to_thread(self.generator.load, model_name)
 

@@ -226,6 +226,43 @@ def test_oversize_uploads_are_refused(client, ctx):
     assert client.get(gen["img"].split("127.0.0.1:8000", 1)[1]).content == exact
 
 
+def uploads_left(ctx) -> set[str]:
+    return set(ctx.storage.older_keys("uploads", time.time() + 60, 1000))
+
+
+def test_uploads_of_ended_claims_are_swept(client, ctx):
+    """Uploads whose claims ended without a submit (expired, cancelled, faulted) are deleted
+    by the sweep; the current claim's upload stays until its submit takes it."""
+    from api.upload_sweep import sweep_stale_uploads
+
+    _, h = make_user(ctx, "volunteer")
+    rid = submit(client, params={"n": 3}).json()["id"]
+    job = pop(client, h, amount=3).json()
+    urls = dict(zip(job["ids"], job["r2_uploads"]))
+    for url in urls.values():
+        assert upload(client, url, WEBP).status_code == 200
+    expired, faulted, kept = job["ids"]
+    with ctx.db.write() as s:  # one claim's time to live runs out
+        s.execute(update(Generation).where(Generation.id == expired)
+                  .values(deadline=time.time() - 1))
+    assert queue.expire(ctx.db, ctx.settings.max_attempts) == 1
+    assert client.post("/api/v2/generate/submit", headers=h, json={
+        "id": faulted, "generation": "R2", "state": "faulted"}).status_code == 200
+    assert len(uploads_left(ctx)) == 2  # the faulted claim's upload went with its submit
+    assert sweep_stale_uploads(ctx, min_age=60) == 0  # too young to judge
+    assert sweep_stale_uploads(ctx, min_age=0) == 1
+    assert uploads_left(ctx) == {urlsplit(urls[kept]).path.split("/objects/", 1)[1]}
+    assert submit_r2(client, h, kept).status_code == 200  # the current claim's is still there
+    assert client.delete(f"/api/v2/generate/status/{rid}").status_code == 200  # the requeued one
+    # A cancelled request's claim: its upload is swept too.
+    rid = submit(client).json()["id"]
+    job = pop(client, h).json()
+    assert upload(client, job["r2_upload"], WEBP).status_code == 200
+    assert client.delete(f"/api/v2/generate/status/{rid}").status_code == 200
+    assert sweep_stale_uploads(ctx, min_age=0) == 1
+    assert uploads_left(ctx) == set()
+
+
 @pytest.mark.parametrize("db", ["sqlite"], indirect=True)
 def test_s3_uploads_are_checked_at_submit(client, ctx, s3_endpoint):  # noqa: F811
     from api.storage import S3Storage
@@ -308,6 +345,37 @@ def test_long_volunteer_node_names_never_collide(ctx):
     assert names[4] == f"node-short-{nodes[4].node_id[:8]}"  # names that fit stay as they were
 
 
+def test_volunteer_nodes_earn_the_uptime_bonus_only_for_work(ctx):
+    """A Ray-joined node's heartbeat pays the bonus as HTTP pops do: for a period with work."""
+    from cluster.bridge import FAMILY_LABEL_PREFIX, OWNER_LABEL, VolunteerBridge
+    from models.catalog import Family
+
+    bridge = VolunteerBridge(ctx.db, ctx.settings, {Family.stable_diffusion_1: ["tiny-sd15"]})
+    owner, _ = make_user(ctx, "node-owner")
+    with ctx.db.write() as s:
+        s.execute(update(User).where(User.id == owner.id).values(node_key_digest="digest-n"))
+    info = {"Labels": {OWNER_LABEL: "digest-n",
+                       FAMILY_LABEL_PREFIX + Family.stable_diffusion_1.value: "yes"}}
+    node = bridge._admit("n" * 56, info, time.time())
+    bridge.nodes[node.node_id] = node
+    period, bonus = ctx.settings.uptime_bonus_seconds, ctx.settings.uptime_bonus_kudos
+    assert bonus > 0
+    now = time.time()
+    for _ in range(3):  # connected for three periods, idle: nothing
+        now += period + 1
+        bridge._heartbeat(now)
+    assert balances(ctx)[owner.id] == 0
+    with ctx.db.write() as s:  # a job finished for someone else in this period
+        s.execute(update(Worker).where(Worker.id == node.worker_id).values(last_job_at=now + 5))
+    now += period + 1
+    bridge._heartbeat(now)
+    assert balances(ctx)[owner.id] == pytest.approx(bonus)
+    now += period + 1
+    bridge._heartbeat(now)  # the next period, without work: nothing more
+    assert balances(ctx)[owner.id] == pytest.approx(bonus)
+    assert_ledger_consistent(ctx)
+
+
 # --- upfront kudos ---------------------------------------------------------------------------
 
 def upfront_price(client) -> float:
@@ -350,3 +418,21 @@ def test_concurrent_upfront_requests_cannot_share_kudos(client, ctx):
     assert sorted(codes) == [202, 403, 403, 403]
     with ctx.db.read() as s:
         assert s.scalar(select(func.count()).select_from(Request)) == 1
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+def test_s3_uploads_of_ended_claims_are_swept(client, ctx, s3_endpoint):  # noqa: F811
+    from api.storage import S3Storage
+    from api.upload_sweep import sweep_stale_uploads
+
+    store = S3Storage("rayhorde-sweep", s3_endpoint, "us-east-1", 600)
+    store.ensure_bucket()
+    ctx.storage = store
+    _, h = make_user(ctx, "volunteer")
+    rid = submit(client).json()["id"]
+    job = pop(client, h).json()
+    assert httpx.put(job["r2_upload"], content=WEBP).status_code == 200
+    assert sweep_stale_uploads(ctx, min_age=0) == 0  # its claim is current
+    assert client.delete(f"/api/v2/generate/status/{rid}").status_code == 200
+    assert sweep_stale_uploads(ctx, min_age=0) == 1
+    assert store.older_keys("uploads", time.time() + 60, 10) == []

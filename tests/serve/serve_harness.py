@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,7 +95,11 @@ def running_cluster(workdir: Path, database_url: str | None = None, families: di
 
     saved_env = {k: os.environ.get(k) for k in SERVE_ENV}
     os.environ.update(SERVE_ENV)
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    with socket.socket() as s:  # Ray's Prometheus export (api/metrics.py), on a free port
+        s.bind(("", 0))
+        metrics_port = s.getsockname()[1]
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             _metrics_export_port=metrics_port)
     node_id = ray.get_runtime_context().get_node_id()
     settings = {**settings_for(workdir, database_url), **(settings or {})}
     try:
@@ -115,6 +120,7 @@ def running_cluster(workdir: Path, database_url: str | None = None, families: di
 
         yield {
             "url": "http://127.0.0.1:8000",
+            "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics",
             "db": db,
             "replica_actor": lambda deployment: replica_actor(APP_NAME, deployment),
             "attempts": attempts,
