@@ -143,3 +143,13 @@ def running_cluster(workdir: Path, database_url: str | None = None, families: di
         for pid in left:  # clean up for the next test, then fail this one
             os.kill(pid, signal.SIGKILL)
         assert not left, f"haproxy outlived the cluster: {left}"
+
+
+def wait_done(http, rid: str, timeout: float = 240,
+              api: str = "http://127.0.0.1:8000/api/v2") -> dict:
+    """Poll an image request's check until it is done or faulted; its status then."""
+    deadline = time.time() + timeout
+    while not ((chk := http.get(f"{api}/generate/check/{rid}").json())["done"] or chk["faulted"]):
+        assert time.time() < deadline, f"request {rid} not done after {timeout} s: {chk}"
+        time.sleep(0.3)
+    return http.get(f"{api}/generate/status/{rid}").json()

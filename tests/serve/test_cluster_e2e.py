@@ -14,7 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from serve_harness import ROOT, running_cluster
+from serve_harness import ROOT, running_cluster, wait_done
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(900)]
 API = "http://127.0.0.1:8000/api/v2"
@@ -45,16 +45,6 @@ def submit(http: httpx.Client, headers: dict = ANON, **body) -> str:
     r = http.post(f"{API}/generate/async", json=body, headers=headers)
     assert r.status_code == 202, r.text
     return r.json()["id"]
-
-
-def wait_done(http: httpx.Client, rid: str, timeout: float = 240) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        chk = http.get(f"{API}/generate/check/{rid}").json()
-        if chk["done"] or chk["faulted"]:
-            break
-        time.sleep(0.3)
-    return http.get(f"{API}/generate/status/{rid}").json()
 
 
 def images_of(http: httpx.Client, status: dict) -> list[bytes]:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve_harness import ROOT, running_cluster
+from serve_harness import ROOT, running_cluster, wait_done
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(900)]
 API = "http://127.0.0.1:8000/api/v2"
@@ -113,16 +113,6 @@ def submit(http: httpx.Client, headers: dict, **body) -> dict:
     return r.json()
 
 
-def wait_done(http: httpx.Client, rid: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        chk = http.get(f"{API}/generate/check/{rid}").json()
-        if chk["done"] or chk["faulted"]:
-            return chk
-        time.sleep(0.3)
-    raise AssertionError(f"request {rid} not done in {timeout} s")
-
-
 def test_counters_move_with_the_work(cluster):
     before = scrape(cluster)
     cluster_sd15 = {**SD15, "worker_kind": "cluster"}
@@ -136,7 +126,7 @@ def test_counters_move_with_the_work(cluster):
         accepted = submit(http, requester, params={
             "width": 64, "height": 64, "steps": 3, "n": 2, "seed": "5",
             "post_processing": ["RealESRGAN_x2plus"]})
-        chk = wait_done(http, accepted["id"])
+        chk = wait_done(http, accepted["id"], timeout=300)
         assert chk["finished"] == 2 and not chk["faulted"], chk
         spent = paid_before - kudos_of(http, requester)
         assert spent == pytest.approx(accepted["kudos"], abs=0.01)
