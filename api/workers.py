@@ -200,6 +200,7 @@ def pop_image(ctx: Context, caller: User | Callable[[Session], User],
         caps = capabilities(ctx, user, worker, body, served)
         jobs = queue.claim_in(session, caps, body.amount, now, one_request=True)
         if not jobs:
+            queue.commit_lazily(session)
             # Reason names are the keys of horde-sdk's skipped model ("post-processing" too).
             return ImagePopResponse(payload={}, ids=[], messages=messages,
                                     skipped=queue.skipped_in(session, caps))
@@ -405,6 +406,7 @@ def pop_text(ctx: Context, caller: User | Callable[[Session], User],
             priority_user_ids=priority_ids(body.priority_usernames))
         jobs = queue.claim_in(session, caps, body.amount, now, one_request=True)
         if not jobs:
+            queue.commit_lazily(session)
             return TextPopResponse(payload={}, ids=[], messages=messages,
                                    skipped=queue.skipped_in(session, caps))
     metrics.jobs_claimed(jobs, "http")

@@ -37,7 +37,7 @@ from api.db.models import User  # noqa: E402
 from api.db.session import Database  # noqa: E402
 from api.storage import LocalStorage  # noqa: E402
 from api.db.migrate import reset  # noqa: E402
-from bench_common import UNLIMITED, pct  # noqa: E402
+from bench_common import UNLIMITED, Http, http_client, pct  # noqa: E402
 from serve_harness import running_cluster  # noqa: E402
 
 API = "http://127.0.0.1:8000/api/v2"
@@ -64,7 +64,7 @@ async def run_calls(make_call, clients: int, total: int) -> tuple[list[float], f
     latencies: list[float] = []
     per_client = total // clients
 
-    async def client_loop(http: httpx.AsyncClient):
+    async def client_loop(http: Http):
         for _ in range(per_client):
             t0 = time.perf_counter()
             r = await make_call(http)
@@ -72,8 +72,7 @@ async def run_calls(make_call, clients: int, total: int) -> tuple[list[float], f
             if r.status_code >= 400:
                 raise RuntimeError(f"{r.status_code}: {r.text}")
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(limits=limits, timeout=30, headers=HEADERS) as http:
+    async with http_client(clients, HEADERS, timeout=30) as http:
         await asyncio.gather(*(make_call(http) for _ in range(clients)))  # warm connections
         t0 = time.perf_counter()
         await asyncio.gather(*(client_loop(http) for _ in range(clients)))
@@ -116,6 +115,8 @@ def main() -> None:
     ap.add_argument("--dispatch", action="store_true",
                     help="run the dispatcher and the tiny models too (make run's cluster)")
     ap.add_argument("--calls", type=int, default=400, help="calls per measurement")
+    ap.add_argument("--api-replicas", type=int, default=None,
+                    help="API replicas (default: configs/local.yaml's one)")
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="rayhorde-bench-"))
     sqlite = args.url == "sqlite"
@@ -124,6 +125,7 @@ def main() -> None:
         reset(url)
     rows = []
     with running_cluster(workdir, database_url=url, dispatch=args.dispatch,
+                         api_replicas=args.api_replicas,
                          settings={**UNLIMITED, "max_waiting_per_user": 30,
                                    "key_salt": BENCH_SALT}) as cluster:
         db = cluster["db"]
@@ -132,7 +134,7 @@ def main() -> None:
         waiting_id = httpx.post(f"{API}/generate/async", json=BODY, headers=HEADERS).json()["id"]
         calls = {
             "submit": lambda http: http.post(f"{API}/generate/async", json=BODY,
-                                             headers={"apikey": next(keys)}),
+                                             headers={**HEADERS, "apikey": next(keys)}),
             "check": lambda http: http.get(f"{API}/generate/check/{waiting_id}"),
             "status": lambda http: http.get(f"{API}/generate/status/{done_id}"),
             "heartbeat": lambda http: http.get(f"{API}/status/heartbeat"),
@@ -142,8 +144,9 @@ def main() -> None:
                 lat, rate = asyncio.run(run_calls(call, clients, args.calls))
                 rows.append((name, clients, statistics.median(lat), pct(lat, 0.99), rate))
     setup = "the dispatcher and tiny models running" if args.dispatch else "the API alone"
+    replicas = args.api_replicas or 1
     print(f"database: {'sqlite' if sqlite else 'postgresql'}; {setup}; {args.calls} calls per "
-          "row; API through Serve + HAProxy")
+          f"row; API through Serve + HAProxy, {replicas} API replica{'s' if replicas > 1 else ''}")
     print(f"{'call':<12}{'clients':>8}{'p50 ms':>10}{'p99 ms':>10}{'calls/s':>10}")
     for name, clients, p50, p99, rate in rows:
         print(f"{name:<12}{clients:>8}{p50:>10.2f}{p99:>10.2f}{rate:>10.1f}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from contextlib import asynccontextmanager
 
 
 from api.db import queue
@@ -18,6 +20,57 @@ UNLIMITED = {"rate_limit_submit": "1000000/minute", "rate_limit_poll": "1000000/
              "rate_limit_pop": "1000000/minute", "max_waiting_per_user": 10**9,
              "max_consecutive_drops": 10**9,
              "max_workers_per_user": 10**9}  # pop_latency.py pops as 16 workers of one user
+
+
+class Reply:
+    """An answer read whole: what the load clients look at."""
+
+    __slots__ = ("status_code", "content")
+
+    def __init__(self, status_code: int, content: bytes):
+        self.status_code, self.content = status_code, content
+
+    def json(self):
+        return json.loads(self.content)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
+
+
+class Http:
+    """The benches' HTTP clients: aiohttp, whose client costs a fraction of httpx's CPU per
+    call. The clients share the machine with the API they measure: with 200 connections httpx
+    kept bench/load.py's core busy while the API idled, so the bench measured itself."""
+
+    def __init__(self, session):
+        self.session = session
+
+    async def call(self, method: str, url: str, headers: dict | None = None, json_body=None,
+                   content: bytes | None = None) -> Reply:
+        async with self.session.request(method, url, headers=headers, json=json_body,
+                                        data=content) as r:
+            return Reply(r.status, await r.read())
+
+    def get(self, url, headers=None):
+        return self.call("GET", url, headers)
+
+    def post(self, url, headers=None, json=None):
+        return self.call("POST", url, headers, json_body=json)
+
+    def put(self, url, content: bytes, headers=None):
+        return self.call("PUT", url, headers, content=content)
+
+
+@asynccontextmanager
+async def http_client(connections: int, headers: dict | None = None, timeout: float = 60):
+    """An Http over one aiohttp session of `connections` connections."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections),
+                                     headers=headers,
+                                     timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        yield Http(session)
 
 
 def pct(xs: list[float], p: float) -> float:

@@ -44,7 +44,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "serve")]
 
 import httpx  # noqa: E402
 
-from bench_common import UNLIMITED, pct  # noqa: E402
+from bench_common import UNLIMITED, Http, Reply, pct  # noqa: E402
 
 ANON = "0000000000"
 AGENT = "rayhorde-load:1:none"
@@ -59,7 +59,7 @@ MIX = {"submit": 0.4, "check": 0.35, "status": 0.25}
 INTENDED_429 = {"TooManyRequests", "TooManyPrompts"}
 
 
-def _rc(r: httpx.Response) -> str | None:
+def _rc(r: Reply) -> str | None:
     try:
         return r.json().get("rc")
     except (ValueError, AttributeError):
@@ -76,7 +76,7 @@ class Stats:
         self.errors = collections.Counter()
         self.samples: list[str] = []
 
-    def record(self, kind: str, t0: float, r: httpx.Response | None, error: str = "") -> bool:
+    def record(self, kind: str, t0: float, r: Reply | None, error: str = "") -> bool:
         if r is not None and 200 <= r.status_code < 300:
             self.ok[kind].append((time.perf_counter() - t0) * 1000)
             return True
@@ -88,12 +88,21 @@ class Stats:
             self.samples.append(f"{kind}: " + (error or f"{r.status_code} {r.text[:300]}"))
         return False
 
+    def merge(self, other: "Stats") -> None:
+        for kind, latencies in other.ok.items():
+            self.ok[kind] += latencies
+        self.limited.update(other.limited)
+        self.errors.update(other.errors)
+        self.samples = (self.samples + other.samples)[:10]
 
-async def timed(stats: Stats, kind: str, send) -> httpx.Response | None:
+
+async def timed(stats: Stats, kind: str, send) -> Reply | None:
+    import aiohttp
+
     t0 = time.perf_counter()
     try:
         r = await send()
-    except httpx.HTTPError as e:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         stats.record(kind, t0, None, f"{type(e).__name__}: {e}")
         return None
     return r if stats.record(kind, t0, r) else None
@@ -107,7 +116,7 @@ def tiny_webp() -> bytes:
     return buf.getvalue()
 
 
-async def work_once(http: httpx.AsyncClient, api: str, stats: Stats, key: str, name: str,
+async def work_once(http: Http, api: str, stats: Stats, key: str, name: str,
                     image: bytes) -> int:
     """One pop; each job it got uploaded and submitted. Returns the jobs done."""
     headers = {"apikey": key}
@@ -133,21 +142,28 @@ async def work_once(http: httpx.AsyncClient, api: str, stats: Stats, key: str, n
     return len(job.get("ids") or [])
 
 
-async def run_load(base: str, clients: int, seconds: float, worker_keys: list[str],
-                   submitter_keys: list[str], seed_ids: dict) -> tuple[Stats, float]:
+def roles_of(clients: int, workers: int) -> list[str]:
+    """Each client's role: "worker" for `workers` of them, the rest after MIX."""
+    roles = []
+    for kind, share in MIX.items():
+        roles += [kind] * round((clients - workers) * share)
+    return (roles + ["check"] * clients)[:clients - workers] + ["worker"] * workers
+
+
+async def run_clients(base: str, clients: list[tuple[int, str]], seconds: float,
+                      worker_keys: list[str], submitter_keys: list[str],
+                      seed_ids: dict) -> tuple[Stats, float]:
+    """`clients` ((index, role) pairs) on one event loop for `seconds`."""
+    import aiohttp
+
     api = f"{base}/api/v2"
     stats = Stats()
     recent = collections.deque(seed_ids["waiting"], maxlen=2000)
     finished = seed_ids["finished"]
     image = tiny_webp()
-    workers = len(worker_keys)
-    roles = []
-    for kind, share in MIX.items():
-        roles += [kind] * round((clients - workers) * share)
-    roles = (roles + ["check"] * clients)[:clients - workers]
     deadline = 0.0
 
-    async def user(http: httpx.AsyncClient, kind: str, index: int):
+    async def user(http: Http, kind: str, index: int):
         key = ANON if index % 3 == 0 else submitter_keys[index % len(submitter_keys)]
         headers = {"apikey": key}
         while time.perf_counter() < deadline:
@@ -165,21 +181,45 @@ async def run_load(base: str, clients: int, seconds: float, worker_keys: list[st
                 await timed(stats, "status", lambda: http.get(f"{api}/generate/status/{rid}",
                                                               headers=headers))
 
-    async def worker(http: httpx.AsyncClient, index: int):
+    async def worker(http: Http, index: int):
         while time.perf_counter() < deadline:
             if not await work_once(http, api, stats, worker_keys[index], f"load-worker-{index}",
                                    image):
                 await asyncio.sleep(0.05)  # an empty queue: a worker's pause between pops
 
-    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
-    async with httpx.AsyncClient(limits=limits, timeout=30,
-                                 headers={"Client-Agent": AGENT}) as http:
+    connector = aiohttp.TCPConnector(limit=len(clients) + 8)
+    async with aiohttp.ClientSession(connector=connector, headers={"Client-Agent": AGENT},
+                                     timeout=aiohttp.ClientTimeout(total=30)) as session:
+        http = Http(session)
         deadline = time.perf_counter() + seconds
         t0 = time.perf_counter()
-        await asyncio.gather(*(user(http, kind, i) for i, kind in enumerate(roles)),
-                             *(worker(http, i) for i in range(workers)))
+        await asyncio.gather(*(worker(http, i) if kind == "worker" else user(http, kind, i)
+                               for i, kind in clients))
         elapsed = time.perf_counter() - t0
     return stats, elapsed
+
+
+def _client_process(args: tuple) -> tuple[Stats, float]:
+    return asyncio.run(run_clients(*args))
+
+
+def run_load(base: str, clients: int, seconds: float, worker_keys: list[str],
+             submitter_keys: list[str], seed_ids: dict, procs: int) -> tuple[Stats, float]:
+    """`clients` spread over `procs` processes (a spawned process each: the driver holds
+    Ray's threads, which a fork would copy), workers numbered across all of them."""
+    import multiprocessing
+
+    indexed = list(enumerate(roles_of(clients, len(worker_keys))))
+    workers = [(i - (clients - len(worker_keys)), kind) if kind == "worker" else (i, kind)
+               for i, kind in indexed]
+    shares = [workers[p::procs] for p in range(procs)]
+    jobs = [(base, share, seconds, worker_keys, submitter_keys, seed_ids) for share in shares]
+    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        results = pool.map(_client_process, jobs)
+    stats = Stats()
+    for part, _ in results:
+        stats.merge(part)
+    return stats, max(elapsed for _, elapsed in results)
 
 
 def make_users(db_url: str, names: list[str], kudos: float) -> list[str]:
@@ -213,8 +253,11 @@ def seed_requests(base: str, worker_key: str, submitter_key: str) -> dict:
         finished = submit()
 
     async def finish():
-        async with httpx.AsyncClient(timeout=30, headers={"Client-Agent": AGENT}) as http:
-            while await work_once(http, api, stats, worker_key, "load-seeder", tiny_webp()):
+        import aiohttp
+
+        async with aiohttp.ClientSession(headers={"Client-Agent": AGENT}) as session:
+            while await work_once(Http(session), api, stats, worker_key, "load-seeder",
+                                  tiny_webp()):
                 pass
 
     asyncio.run(finish())
@@ -258,7 +301,8 @@ def uvicorn_api(settings: dict, port: int):
 
 
 @contextmanager
-def started_api(how: str, db_url: str, limits: dict, workdir: Path):
+def started_api(how: str, db_url: str, limits: dict, workdir: Path,
+                api_replicas: int | None = None):
     """The API alone on `db_url` (its tables reset), with a key salt of its own that
     make_users is given too."""
     from api.db.migrate import reset, upgrade
@@ -276,7 +320,8 @@ def started_api(how: str, db_url: str, limits: dict, workdir: Path):
     if how == "serve":
         from serve_harness import running_cluster
 
-        with running_cluster(workdir, database_url=db_url, dispatch=False, settings=limits) as c:
+        with running_cluster(workdir, database_url=db_url, dispatch=False, settings=limits,
+                             api_replicas=api_replicas) as c:
             yield c["url"]
         return
     from serve_harness import settings_for
@@ -315,6 +360,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--workers", type=int, help="of the clients, how many are workers, each its "
                                                 "own user (default: one in 20)")
+    ap.add_argument("--api-replicas", type=int, default=None,
+                    help="with --start serve: API replicas (default: configs/local.yaml's one)")
+    ap.add_argument("--procs", type=int, default=2,
+                    help="client processes the clients are spread over (default 2)")
     ap.add_argument("--limits", choices=["default", "off"], default="default",
                     help="with --start: the API's own rate limits and waiting cap, or none")
     args = ap.parse_args()
@@ -333,7 +382,7 @@ def main() -> None:
     @contextmanager
     def api():
         if args.start:
-            with started_api(args.start, db_url, limits, workdir) as url:
+            with started_api(args.start, db_url, limits, workdir, args.api_replicas) as url:
                 yield url
         else:
             yield args.url.rstrip("/")
@@ -343,12 +392,13 @@ def main() -> None:
                           + [f"load-user-{i}-{os.getpid()}" for i in range(4)], kudos=1e6)
         worker_keys, submitter_keys = keys[:workers], keys[workers:]
         seed_ids = seed_requests(base, worker_keys[0], submitter_keys[0])
-        stats, elapsed = asyncio.run(run_load(base, args.clients, args.seconds, worker_keys,
-                                              submitter_keys, seed_ids))
+        stats, elapsed = run_load(base, args.clients, args.seconds, worker_keys,
+                                  submitter_keys, seed_ids, args.procs)
     where = f"the API started with {args.start}" if args.start else args.url
     limits_used = ("the API's defaults" if args.limits == "default" else "off") if args.start \
         else "the API's own"
-    print(f"{args.clients} clients ({workers} workers) for {elapsed:.1f} s against {where}; "
+    print(f"{args.clients} clients ({workers} workers, {args.procs} client processes, aiohttp) "
+          f"for {elapsed:.1f} s against {where}; "
           f"database {db_url.split(':', 1)[0]}; rate limits and waiting cap: {limits_used}")
     print_table(stats, elapsed)
     sys.exit(1 if stats.errors else 0)

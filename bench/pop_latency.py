@@ -23,13 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "serve")]
 
-import httpx  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
 from api.auth import hash_api_key  # noqa: E402
 from api.db.models import User  # noqa: E402
 from api.db.migrate import reset  # noqa: E402
-from bench_common import UNLIMITED, fill, pct  # noqa: E402
+from bench_common import UNLIMITED, Http, fill, http_client, pct  # noqa: E402
 from serve_harness import running_cluster  # noqa: E402
 
 API = "http://127.0.0.1:8000/api/v2"
@@ -41,7 +40,7 @@ async def pops(model: str, workers: int, total: int) -> tuple[list[float], float
     latencies: list[float] = []
     jobs = 0
 
-    async def worker(http: httpx.AsyncClient, index: int):
+    async def worker(http: Http, index: int):
         nonlocal jobs
         body = {"name": f"bench-{index}", "models": [model], "max_pixels": 1024 * 1024}
         for _ in range(total // workers):
@@ -52,8 +51,7 @@ async def pops(model: str, workers: int, total: int) -> tuple[list[float], float
                 raise RuntimeError(f"{r.status_code}: {r.text}")
             jobs += len(r.json()["ids"])
 
-    limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
-    async with httpx.AsyncClient(limits=limits, timeout=60, headers={"apikey": KEY}) as http:
+    async with http_client(workers, {"apikey": KEY}) as http:
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(http, i) for i in range(workers)))
         elapsed = time.perf_counter() - t0
@@ -68,6 +66,8 @@ def main() -> None:
     ap.add_argument("--url", default="postgresql://postgres@127.0.0.1:5432/test")
     ap.add_argument("--waiting", type=int, default=100_000)
     ap.add_argument("--pops", type=int, default=800, help="pops per measurement")
+    ap.add_argument("--api-replicas", type=int, default=None,
+                    help="API replicas (default: configs/local.yaml's one)")
     args = ap.parse_args()
     db = reset(args.url)
     with db.write() as s:
@@ -75,6 +75,7 @@ def main() -> None:
     rows = []
     workdir = Path(tempfile.mkdtemp(prefix="rayhorde-bench-"))
     with running_cluster(workdir, database_url=args.url, dispatch=False,
+                         api_replicas=args.api_replicas,
                          settings={**UNLIMITED, "key_salt": BENCH_SALT}):
         for clients in (1, 16):  # register the workers (first pops create them)
             asyncio.run(pops("tiny-sdxl", clients, clients))
@@ -90,7 +91,8 @@ def main() -> None:
             lat, rate, jobs = asyncio.run(pops("tiny-sd15", clients, args.pops))
             assert jobs == len(lat), "every pop should have found work"
             rows.append((f"{args.waiting} waiting, with work", clients, lat, rate))
-    print(f"database: postgresql; {args.pops} pops per row; API through Serve + HAProxy")
+    print(f"database: postgresql; {args.pops} pops per row; API through Serve + HAProxy, "
+          f"{args.api_replicas or 1} API replica(s)")
     print(f"{'queue':<30}{'workers':>8}{'p50 ms':>10}{'p99 ms':>10}{'pops/s':>10}")
     for name, clients, lat, rate in rows:
         print(f"{name:<30}{clients:>8}{statistics.median(lat):>10.2f}{pct(lat, 0.99):>10.2f}"

@@ -18,6 +18,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 
 CONNECT_TIMEOUT_SECONDS = 10  # PostgreSQL
+# PostgreSQL connections a process keeps (its request threads, anyio's 40 at most, and its
+# background loops), and the most it opens past those in a burst. Each API, dispatcher and
+# bridge process has its own pool: the server's max_connections (100 by default) bounds how
+# many such processes a cluster runs without a connection pooler in front.
+POOL_SIZE = 24
+POOL_OVERFLOW = 16
 
 
 def _prepare_sqlite_file(url: str) -> None:
@@ -53,8 +59,12 @@ def make_engine(url: str) -> Engine:
     # pool_pre_ping: a connection the server dropped (a restart, pg_terminate_backend) is
     # noticed and replaced when taken from the pool, so the API recovers by itself once the
     # database is back; connect_timeout: an unreachable server fails requests (503, see
-    # api/errors.py) in seconds instead of holding them.
-    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True,
+    # api/errors.py) in seconds instead of holding them. The pool keeps as many connections as
+    # a process's request threads use at once (POOL_SIZE): connections past the pool are closed
+    # when returned, and a server process started and ended per request costs more than the
+    # request itself.
+    return create_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW,
+                         pool_pre_ping=True,
                          connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS})
 
 
@@ -66,9 +76,15 @@ class Database:
         self.engine = make_engine(url)
         self.is_sqlite = url.startswith("sqlite")
         self._write = sessionmaker(self.engine, expire_on_commit=False)
-        self._read = sessionmaker(
-            self.engine.execution_options(readonly=True), expire_on_commit=False
-        )
+        # Reads on PostgreSQL run in autocommit: under READ COMMITTED each statement of a
+        # transaction takes its own snapshot anyway, so a read-only BEGIN ... COMMIT adds two
+        # round trips and no consistency. (SQLite reads keep their deferred BEGIN: there it
+        # is the snapshot.)
+        read_options = {"readonly": True}
+        if url.startswith("postgresql"):
+            read_options["isolation_level"] = "AUTOCOMMIT"
+        self._read = sessionmaker(self.engine.execution_options(**read_options),
+                                  expire_on_commit=False)
 
     @contextmanager
     def write(self) -> Iterator[Session]:

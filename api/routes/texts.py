@@ -4,6 +4,7 @@ worker protocol."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Header, Request
+from starlette.concurrency import run_in_threadpool
 
 from api import images, texts, workers
 from api.routes.deps import accept_request, ctx_of, rate_limited, registered
@@ -25,10 +26,14 @@ async def text_async(body: TextGenerateRequest, request: Request, apikey: str | 
 
 @router.get("/generate/text/status/{request_id}", response_model=TextStatus,
             dependencies=[Depends(rate_limited("poll"))])
-def text_status(request_id: str, request: Request):
+async def text_status(request_id: str, request: Request):
+    # async around one thread hop, as api/routes/generate.py's polled routes.
     ctx = ctx_of(request)
-    with ctx.db.read() as session:
-        return texts.status(ctx, session, request_id)
+
+    def read():
+        with ctx.db.read() as session:
+            return texts.status(ctx, session, request_id)
+    return await run_in_threadpool(read)
 
 
 @router.delete("/generate/text/status/{request_id}", response_model=TextStatus,
@@ -42,16 +47,20 @@ def text_cancel(request_id: str, request: Request):
 
 @router.post("/generate/text/pop", response_model=TextPopResponse, response_model_exclude_none=True,
              dependencies=[Depends(rate_limited("pop"))])
-def text_pop(body: TextPopInput, request: Request, apikey: str | None = Header(None)):
+async def text_pop(body: TextPopInput, request: Request, apikey: str | None = Header(None)):
     ctx = ctx_of(request)
-    return workers.pop_text(ctx, lambda session: registered(ctx, session, apikey, "a worker"),
-                            body)
+    return await run_in_threadpool(
+        workers.pop_text, ctx, lambda session: registered(ctx, session, apikey, "a worker"),
+        body)
 
 
 @router.post("/generate/text/submit", response_model=JobSubmitResponse,
              dependencies=[Depends(rate_limited("pop"))])
-def text_submit(body: TextSubmitInput, request: Request, apikey: str | None = Header(None)):
+async def text_submit(body: TextSubmitInput, request: Request, apikey: str | None = Header(None)):
     ctx = ctx_of(request)
-    with ctx.db.read() as session:
-        user = registered(ctx, session, apikey, "a worker")
-    return JobSubmitResponse(reward=round(workers.submit_text(ctx, user, body), 2))
+
+    def submit() -> JobSubmitResponse:
+        with ctx.db.read() as session:
+            user = registered(ctx, session, apikey, "a worker")
+        return JobSubmitResponse(reward=round(workers.submit_text(ctx, user, body), 2))
+    return await run_in_threadpool(submit)

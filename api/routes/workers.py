@@ -7,6 +7,7 @@ import time
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
 
 from api import workers
 from api.db.models import User, Worker
@@ -29,18 +30,24 @@ worker_limit = Depends(rate_limited("pop"))
 
 @router.post("/generate/pop", response_model=ImagePopResponse, response_model_exclude_none=True,
              dependencies=[worker_limit])
-def generate_pop(body: ImagePopInput, request: Request, apikey: str | None = Header(None)):
+async def generate_pop(body: ImagePopInput, request: Request, apikey: str | None = Header(None)):
+    # async around one thread hop, as api/routes/generate.py's polled routes.
     ctx = ctx_of(request)
-    return workers.pop_image(ctx, lambda session: registered(ctx, session, apikey, "a worker"),
-                             body)
+    return await run_in_threadpool(
+        workers.pop_image, ctx, lambda session: registered(ctx, session, apikey, "a worker"),
+        body)
 
 
 @router.post("/generate/submit", response_model=JobSubmitResponse, dependencies=[worker_limit])
-def generate_submit(body: JobSubmitInput, request: Request, apikey: str | None = Header(None)):
+async def generate_submit(body: JobSubmitInput, request: Request,
+                          apikey: str | None = Header(None)):
     ctx = ctx_of(request)
-    with ctx.db.read() as session:
-        user = registered(ctx, session, apikey, "a worker")
-    return JobSubmitResponse(reward=round(workers.submit_image(ctx, user, body), 2))
+
+    def submit() -> JobSubmitResponse:
+        with ctx.db.read() as session:
+            user = registered(ctx, session, apikey, "a worker")
+        return JobSubmitResponse(reward=round(workers.submit_image(ctx, user, body), 2))
+    return await run_in_threadpool(submit)
 
 
 def _text_limits(ctx, worker: Worker) -> tuple[int, int]:

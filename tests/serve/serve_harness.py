@@ -82,10 +82,10 @@ def settings_for(workdir: Path, database_url: str | None = None) -> dict:
 @contextmanager
 def running_cluster(workdir: Path, database_url: str | None = None, families: dict | None = None,
                     dispatch: bool = True, config: Path = ROOT / "configs" / "local.yaml",
-                    settings: dict | None = None):
+                    settings: dict | None = None, api_replicas: int | None = None):
     """`config` (the embedded cluster's own configs/local.yaml by default) deployed on a fresh
     local Ray, its settings pointed at `workdir` (and `settings` on top). `dispatch=False`: the
-    API alone."""
+    API alone. `api_replicas`: that many API replicas instead of the config's (benches)."""
     import ray
     from ray import serve
 
@@ -105,9 +105,13 @@ def running_cluster(workdir: Path, database_url: str | None = None, families: di
     try:
         app_config = load_config(config, settings=settings, families=families,
                                  args={"poll_seconds": 0.5, "dispatch": dispatch})
-        if not dispatch:
-            for app in app_config["applications"]:
+        for app in app_config["applications"]:
+            if not dispatch:
                 app["deployments"] = [d for d in app.get("deployments", []) if d["name"] == "api"]
+            for d in app.get("deployments", []):
+                if d["name"] == "api" and api_replicas is not None:
+                    d.pop("autoscaling_config", None)
+                    d["num_replicas"] = api_replicas
         deploy(app_config)
         assert_served_by_haproxy(node_id)
         db = get_database(settings["database_url"])
