@@ -9,6 +9,7 @@ from ray import serve
 
 from api.app import context_from_settings, create_app
 from api.settings import Settings
+from api.wake import WakeCoalescer
 
 log = logging.getLogger("ray.serve")
 
@@ -19,13 +20,17 @@ class ApiIngress:
     def __init__(self, settings: dict, dispatcher=None):
         self.ctx = context_from_settings(Settings(**settings))
         self.dispatcher = dispatcher
+        self._wake = WakeCoalescer(self._send_wake)
 
     def _wake_dispatcher(self) -> None:
-        """Called on the event loop after a request is committed. Fire and forget: the
-        dispatcher also polls, so a lost wake-up only costs latency, and the client has its
-        202 either way."""
-        if self.dispatcher is None:
-            return
+        """Called on the event loop after a request is committed: wakes the dispatcher, at
+        most once per api/wake.py's interval."""
+        if self.dispatcher is not None:
+            self._wake()
+
+    def _send_wake(self) -> None:
+        """Fire and forget: the dispatcher also polls, so a lost wake-up only costs latency,
+        and the client has its 202 either way."""
         try:
             self.dispatcher.wake.remote()
         except Exception:

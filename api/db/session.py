@@ -8,6 +8,7 @@ plain deferred BEGIN and run beside the writer.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -75,6 +76,7 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self.is_sqlite = url.startswith("sqlite")
+        self._write_lock = threading.RLock() if self.is_sqlite else None
         self._write = sessionmaker(self.engine, expire_on_commit=False)
         # Reads on PostgreSQL run in autocommit: under READ COMMITTED each statement of a
         # transaction takes its own snapshot anyway, so a read-only BEGIN ... COMMIT adds two
@@ -90,8 +92,21 @@ class Database:
     def write(self) -> Iterator[Session]:
         """A transaction that commits on success and rolls back on any error, so nothing
         half-written stays in the database."""
-        with self._write() as session, session.begin():
+        with self._sqlite_writer(), self._write() as session, session.begin():
             yield session
+
+    @contextmanager
+    def _sqlite_writer(self) -> Iterator[None]:
+        """On SQLite, this process's write transactions take turns on a lock before asking
+        SQLite for its write lock. SQLite's own wait is a sleep-and-retry (up to 100 ms a
+        sleep) with no order, so under a burst of submits some waited seconds while others
+        went by; threads queued on one lock go in turn, and only other processes (the
+        dispatcher, another replica) meet SQLite's wait."""
+        if self._write_lock is None:
+            yield
+            return
+        with self._write_lock:
+            yield
 
     @contextmanager
     def read(self) -> Iterator[Session]:

@@ -79,8 +79,12 @@ class TextRow:
             self.finish_reason = "stop"
         else:
             self.token_ids.append(token_id)
+            # Without NUL characters: byte-level vocabularies (Llama's <0x00>, the tiny model's
+            # byte symbols) can sample one, PostgreSQL text cannot hold it, and the API refuses
+            # it in a worker's submit; dropping a character keeps every earlier text a prefix.
             self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True,
-                                              clean_up_tokenization_spaces=False)
+                                              clean_up_tokenization_spaces=False
+                                              ).replace("\x00", "")
             cut = min((i for i in (self.text.find(s) for s in self.job.stop_sequence) if i >= 0), default=None)
             if cut is not None:
                 self.text = self.text[:cut]

@@ -118,7 +118,21 @@ def test_claim_statements_do_not_grow_with_queue(db):
     add_request(db, n=2000)  # 2,000 more waiting generations, inserted in bulk
     with count_statements(db) as big:
         assert len(queue.claim(db, caps("tiny-sd15"), 2)) == 2
-    assert small.count == big.count == 2
+    # A read that there are any (see below), the candidates and the update.
+    assert small.count == big.count == 3
+
+
+def test_a_claim_that_finds_nothing_opens_no_write_transaction(db):
+    """SQLite has one writer at a time: the dispatcher's claims on families with nothing to do
+    must not make submits wait for the write lock (nor cost PostgreSQL a transaction)."""
+    add_request(db, n=1, models=("tiny-sdxl",))
+    with count_statements(db) as empty:
+        assert queue.claim(db, caps("tiny-sd15"), 4) == []
+    with count_statements(db) as found:
+        assert len(queue.claim(db, caps("tiny-sdxl"), 4)) == 1
+    locking = "BEGIN IMMEDIATE" if db.is_sqlite else "FOR UPDATE"
+    assert not any(locking in s.upper() for s in empty.statements) and empty.count == 1
+    assert any(locking in s.upper() for s in found.statements) and found.count == 3
 
 
 def test_concurrent_claimers_never_share_a_generation(db):

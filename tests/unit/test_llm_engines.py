@@ -435,3 +435,19 @@ def test_horde_answer_names_parameters_the_engine_cannot_honour(sqlite_db, tmp_p
         assert warnings(["tiny-llm"], typical=0.5, rep_pen_range=64) == []  # the builtin engine has both
         assert warnings(["gpu-llm"], typical=1.0, rep_pen_range=0) == []  # off: nothing to miss
         assert warnings(["gpu-llm"], rep_pen=1.0, rep_pen_range=64) == []  # no penalty, no window
+
+
+def test_generated_text_never_holds_a_nul_character():
+    """A byte-level vocabulary can sample the NUL byte; the text a row hands out (and records)
+    leaves it out, so it can be stored in PostgreSQL and submitted by an HTTP worker."""
+    from deployments.jobs import TextJob
+    from deployments.llm_engines.base import TextRow
+    from models.tiny_llm import build_tokenizer
+
+    tok = build_tokenizer()
+    nul = next(i for i in range(len(tok)) if "\x00" in tok.decode([i]))
+    a = next(i for i in range(len(tok)) if tok.decode([i]) == "a")
+    job = TextJob(model="tiny-llm", seed=1, prompt="p", max_length=8)
+    row = TextRow(0, job, 1, tok, frozenset())
+    deltas = [row.advance(t) for t in (a, nul, a, nul)]
+    assert "".join(deltas) + row.end("length") == row.text == "aa"
