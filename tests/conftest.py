@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 
@@ -189,3 +191,33 @@ def horde_sdk_python() -> str:
                         f"horde-sdk=={HORDE_SDK_VERSION}"], check=True)
         open(marker, "w").close()
     return python
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (never Serve's 8000, which the OS does not hand out
+    while a test cluster holds it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def app_server(app, port: int):
+    """`app` served by uvicorn in a thread on 127.0.0.1:`port` while the block runs (for
+    clients that need a real socket: CLIs, subprocesses, HTTP workers)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert not thread.is_alive(), "uvicorn did not stop"

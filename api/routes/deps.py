@@ -18,6 +18,7 @@ from api.images import Context
 from api.ratelimit import Caller, address_subject, at_least, user_subject
 from api.schemas import RequestAsyncResponse
 from api.sharedkeys import service as shared_keys
+from api.worker_schemas import JobSubmitResponse
 
 
 def ctx_of(request: Request) -> Context:
@@ -153,6 +154,31 @@ def paying_user(ctx: Context, session, apikey: str | None, body, write: bool):
     if shared_key is None:
         return authenticate(ctx, session, apikey), None
     return session.get(User, shared_key.user_id), shared_key
+
+
+async def in_read_session(request: Request, read: Callable):
+    """`read(ctx, session)` in a read session, in the thread pool. The routes polled most are
+    `async def` around this one hop: FastAPI runs a plain `def` route in the thread pool and
+    then validates its answer in the thread pool again, two hops where one does."""
+    ctx = ctx_of(request)
+
+    def run():
+        with ctx.db.read() as session:
+            return read(ctx, session)
+    return await run_in_threadpool(run)
+
+
+async def worker_submit(request: Request, apikey: str | None, submit: Callable,
+                        body) -> JobSubmitResponse:
+    """A worker's `/submit` of one job (`submit(ctx, user, body)` -> reward), one thread hop
+    as in_read_session."""
+    ctx = ctx_of(request)
+
+    def run() -> JobSubmitResponse:
+        with ctx.db.read() as session:
+            user = registered(ctx, session, apikey, "a worker")
+        return JobSubmitResponse(reward=round(submit(ctx, user, body), 2))
+    return await run_in_threadpool(run)
 
 
 async def accept_request(request: Request, body, apikey: str | None, price: Callable,

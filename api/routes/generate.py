@@ -1,16 +1,11 @@
-"""Image generation routes (`/api/v2/generate/...`): parse, authenticate, delegate.
-
-The routes polled most are `async def` around one `run_in_threadpool`: FastAPI runs a plain
-`def` route in the thread pool and then validates its answer in the thread pool again, two hops
-where one does."""
+"""Image generation routes (`/api/v2/generate/...`): parse, authenticate, delegate."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Header, Request
-from starlette.concurrency import run_in_threadpool
 
 from api import images
-from api.routes.deps import accept_request, ctx_of, rate_limited
+from api.routes.deps import accept_request, ctx_of, in_read_session, rate_limited
 from api.schemas import ImageGenerateRequest, RequestAsyncResponse, RequestStatusCheck, RequestStatusStable
 
 router = APIRouter(tags=["generate"])
@@ -31,23 +26,15 @@ async def generate_async(body: ImageGenerateRequest, request: Request,
 @router.get("/generate/check/{request_id}", response_model=RequestStatusCheck,
             dependencies=[poll_limit])
 async def generate_check(request_id: str, request: Request):
-    ctx = ctx_of(request)
-
-    def read():
-        with ctx.db.read() as session:
-            return images.check(ctx, session, request_id)[1]
-    return await run_in_threadpool(read)
+    return await in_read_session(request,
+                                 lambda ctx, session: images.check(ctx, session, request_id)[1])
 
 
 @router.get("/generate/status/{request_id}", response_model=RequestStatusStable,
             dependencies=[poll_limit])
 async def generate_status(request_id: str, request: Request):
-    ctx = ctx_of(request)
-
-    def read():
-        with ctx.db.read() as session:
-            return images.status(ctx, session, request_id)
-    return await run_in_threadpool(read)
+    return await in_read_session(request,
+                                 lambda ctx, session: images.status(ctx, session, request_id))
 
 
 @router.delete("/generate/status/{request_id}", response_model=RequestStatusStable,

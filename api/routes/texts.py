@@ -7,7 +7,8 @@ from fastapi import APIRouter, Depends, Header, Request
 from starlette.concurrency import run_in_threadpool
 
 from api import images, texts, workers
-from api.routes.deps import accept_request, ctx_of, rate_limited, registered
+from api.routes.deps import (accept_request, ctx_of, in_read_session, rate_limited, registered,
+                             worker_submit)
 from api.schemas import RequestAsyncResponse
 from api.text_schemas import TextGenerateRequest, TextPopInput, TextPopResponse, TextStatus, TextSubmitInput
 from api.worker_schemas import JobSubmitResponse
@@ -27,13 +28,8 @@ async def text_async(body: TextGenerateRequest, request: Request, apikey: str | 
 @router.get("/generate/text/status/{request_id}", response_model=TextStatus,
             dependencies=[Depends(rate_limited("poll"))])
 async def text_status(request_id: str, request: Request):
-    # async around one thread hop, as api/routes/generate.py's polled routes.
-    ctx = ctx_of(request)
-
-    def read():
-        with ctx.db.read() as session:
-            return texts.status(ctx, session, request_id)
-    return await run_in_threadpool(read)
+    return await in_read_session(request,
+                                 lambda ctx, session: texts.status(ctx, session, request_id))
 
 
 @router.delete("/generate/text/status/{request_id}", response_model=TextStatus,
@@ -57,10 +53,4 @@ async def text_pop(body: TextPopInput, request: Request, apikey: str | None = He
 @router.post("/generate/text/submit", response_model=JobSubmitResponse,
              dependencies=[Depends(rate_limited("pop"))])
 async def text_submit(body: TextSubmitInput, request: Request, apikey: str | None = Header(None)):
-    ctx = ctx_of(request)
-
-    def submit() -> JobSubmitResponse:
-        with ctx.db.read() as session:
-            user = registered(ctx, session, apikey, "a worker")
-        return JobSubmitResponse(reward=round(workers.submit_text(ctx, user, body), 2))
-    return await run_in_threadpool(submit)
+    return await worker_submit(request, apikey, workers.submit_text, body)

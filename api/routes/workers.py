@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from api import workers
 from api.db.models import User, Worker
 from api.errors import HordeError
-from api.routes.deps import ctx_of, rate_limited, registered
+from api.routes.deps import ctx_of, rate_limited, registered, worker_submit
 from api.worker_schemas import (
     ImagePopInput,
     ImagePopResponse,
@@ -31,7 +31,7 @@ worker_limit = Depends(rate_limited("pop"))
 @router.post("/generate/pop", response_model=ImagePopResponse, response_model_exclude_none=True,
              dependencies=[worker_limit])
 async def generate_pop(body: ImagePopInput, request: Request, apikey: str | None = Header(None)):
-    # async around one thread hop, as api/routes/generate.py's polled routes.
+    # async around one thread hop (see deps.in_read_session).
     ctx = ctx_of(request)
     return await run_in_threadpool(
         workers.pop_image, ctx, lambda session: registered(ctx, session, apikey, "a worker"),
@@ -41,13 +41,7 @@ async def generate_pop(body: ImagePopInput, request: Request, apikey: str | None
 @router.post("/generate/submit", response_model=JobSubmitResponse, dependencies=[worker_limit])
 async def generate_submit(body: JobSubmitInput, request: Request,
                           apikey: str | None = Header(None)):
-    ctx = ctx_of(request)
-
-    def submit() -> JobSubmitResponse:
-        with ctx.db.read() as session:
-            user = registered(ctx, session, apikey, "a worker")
-        return JobSubmitResponse(reward=round(workers.submit_image(ctx, user, body), 2))
-    return await run_in_threadpool(submit)
+    return await worker_submit(request, apikey, workers.submit_image, body)
 
 
 def _text_limits(ctx, worker: Worker) -> tuple[int, int]:

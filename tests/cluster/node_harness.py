@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,14 +17,10 @@ import httpx
 import psutil
 import yaml
 
+from conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 API = "http://127.0.0.1:8000/api/v2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -14,19 +14,17 @@ import base64
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import psutil
 import pytest
-import uvicorn
 from PIL import Image
 
 from api.app import create_app
@@ -43,7 +41,7 @@ from cluster.http_worker import (
     run_worker,
     text_job,
 )
-from conftest import make_ctx
+from conftest import app_server, free_port, make_ctx
 from deployments.jobs import ImageJob, JobRejected
 from models.catalog import Family
 from models.workflows import Workflow
@@ -52,12 +50,6 @@ ROOT = Path(__file__).resolve().parents[2]
 ANON = {"apikey": "0000000000"}
 # diffusers' schedulers trip numpy 2's __array__ deprecations on every step.
 pytestmark = [pytest.mark.serve, pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ApiServer:
@@ -70,30 +62,20 @@ class ApiServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.database_url = f"sqlite:///{tmp_path}/rayhorde.db"
         upgrade(Database(self.database_url))
-        self.server: uvicorn.Server | None = None
-        self.thread: threading.Thread | None = None
+        self._server: ExitStack | None = None  # the running app_server
         self.db: Database | None = None
 
     def start(self) -> None:
         self.db = Database(self.database_url)
         self.ctx = make_ctx(self.db, self.tmp_path, **{
             "public_url": self.url, "served_models": ["tiny-sd15", "tiny-llm"], **self.settings})
-        config = uvicorn.Config(create_app(self.ctx), host="127.0.0.1", port=self.port,
-                                log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.time() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
+        self._server = ExitStack()
+        self._server.enter_context(app_server(create_app(self.ctx), self.port))
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.should_exit = True
-            self.thread.join(timeout=30)
-            assert not self.thread.is_alive(), "uvicorn did not stop"
-            self.server = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
             self.db.dispose()
 
     def create_user(self, name: str) -> tuple[int, str]:

@@ -9,7 +9,6 @@ import email.utils
 import json
 import os
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +20,7 @@ from sqlalchemy import select, update
 from api import usage_stats
 from api.app import create_app
 from api.db.models import Generation, Request, SharedKey, SharedKeyRequest, Worker
-from conftest import ROOT, horde_sdk_python, make_ctx
+from conftest import ROOT, app_server, free_port, horde_sdk_python, make_ctx
 from test_economy import ANON, assert_ledger_consistent, balances, make_user, submit
 from test_text_api import text_pop, text_submit
 from test_workers import do_job
@@ -411,41 +410,14 @@ def test_censored_images_cost_a_shared_key_nothing(client, ctx):
 
 # --- horde-sdk 0.33.3, strict, against a live server ---
 
-class LiveServer:
-    """The API under uvicorn in a thread, on a free port (never 8000)."""
-
-    def __init__(self, ctx):
-        import socket
-
-        import uvicorn
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(ctx), host="127.0.0.1",
-                                                    port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.time() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 def test_horde_sdk_strict_clients_of_these_endpoints(sqlite_db, tmp_path):
     ctx = make_ctx(sqlite_db, tmp_path)
     owner, h = make_user(ctx, "lender", kudos=500)
     _, wh = make_user(ctx, "volunteer")
-    with LiveServer(ctx) as live:
-        ctx.settings.public_url = live.url
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with app_server(create_app(ctx), port):
+        ctx.settings.public_url = url
         local = TestClient(create_app(ctx))
         assert text_pop(local, wh, name="scribe").status_code == 200
         submit(local, params={"steps": 10})
@@ -453,7 +425,7 @@ def test_horde_sdk_strict_clients_of_these_endpoints(sqlite_db, tmp_path):
         script = Path(ROOT) / "tests" / "compat" / "horde_sdk_clients_endpoints.py"
         proc = subprocess.run(
             [horde_sdk_python(), str(script), "--apikey", h["apikey"]],
-            env={**os.environ, "AI_HORDE_URL": f"{live.url}/api/"}, capture_output=True,
+            env={**os.environ, "AI_HORDE_URL": f"{url}/api/"}, capture_output=True,
             text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -5,28 +5,20 @@ request for a model nobody serves, which expires."""
 from __future__ import annotations
 
 import base64
-import socket
 import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 
 from api.app import create_app
 from cluster import generate_cli
 from cluster.cli import main
-from conftest import make_ctx
+from conftest import free_port, app_server, make_ctx
 from test_economy import make_user
 
 pytestmark = pytest.mark.timeout(120)
 WEBP = base64.b64decode("UklGRiIAAABXRUJQVlA4IBYAAAAwAQCdASoBAAEADsD+JaQAA3AAAAAA")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -35,17 +27,8 @@ def api(sqlite_db, tmp_path):
     url = f"http://127.0.0.1:{port}"
     ctx = make_ctx(sqlite_db, tmp_path, public_url=url, unclaimed_expiry_seconds=1.0,
                    expire_every_seconds=0.2)
-    server = uvicorn.Server(uvicorn.Config(create_app(ctx), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield ctx, url
-    server.should_exit = True
-    thread.join(timeout=30)
+    with app_server(create_app(ctx), port):
+        yield ctx, url
 
 
 def work(url: str, headers: dict, jobs: int, start: threading.Event, errors: list) -> None:

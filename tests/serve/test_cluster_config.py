@@ -30,7 +30,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import POSTGRES_URL
+from conftest import free_port, POSTGRES_URL
 from serve_harness import ROOT, SERVE_ENV, assert_served_by_haproxy, haproxy_pids
 
 pytestmark = [pytest.mark.serve, pytest.mark.postgres, pytest.mark.timeout(1200)]
@@ -89,12 +89,6 @@ def tiny_config(config: dict) -> dict:
     for options in app["args"].get("volunteers", {}).get("actor_options", {}).values():
         options.pop("num_gpus", None)
     return config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60) -> None:

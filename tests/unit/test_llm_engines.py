@@ -28,12 +28,12 @@ import pytest
 import torch
 
 from deployments.jobs import JobRejected, TextJob
-from deployments.llm import LLMDeployment
 from deployments.llm_engines import FinishEvent, TokenEvent, build_engine, engine_class
 from deployments.llm_engines.builtin import BuiltinEngine
 from deployments.llm_engines.vllm_engine import EngineUnavailable, VLLMEngine, engine_args, sampling_params
 from models.catalog import ModelEntry
 from models.tiny_llm import build_tiny_llm
+from test_llm import LocalLLMDeployment
 
 TINY = {"name": "tiny-llm", "family": "llm", "weights": {"kind": "builtin", "path": "tiny-llm"}}
 PROMPT = "Once upon a time, in a kingdom by the sea, the dragon"
@@ -356,23 +356,6 @@ def test_vllm_adapter_reports_an_engine_failure(fake_vllm, tiny_folder):
 
 
 # --- through the deployment, without Serve ------------------------------------------------------
-
-
-class LocalLLMDeployment(LLMDeployment.func_or_class):
-    """The deployment class with a dict for Serve's multiplexed model cache and a fixed
-    replica location."""
-
-    def __init__(self, models):
-        super().__init__(models)
-        self.models: dict = {}
-
-    async def get_model(self, model_name):
-        if model_name not in self.models:
-            self.models[model_name] = self.generator.load(model_name)
-        return self.models[model_name]
-
-    def _replica_location(self):
-        return {"node_id": "node-1", "replica": "replica-1"}
 
 
 def test_deployment_hands_vllm_requests_straight_to_the_engine(fake_vllm, tiny_folder):

@@ -7,7 +7,6 @@ all for a run that ends first."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(120)
@@ -40,12 +41,6 @@ SERVE_RUN = textwrap.dedent("""
 
     HTTPServer(("127.0.0.1", port), Heartbeat).serve_forever()
 """)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def supervisor(tmp_path: Path, port: int, delay: float) -> subprocess.Popen:
