@@ -163,9 +163,13 @@ def enqueue(session, request: Request, seeds: list[int], models: list[str], sort
     return gen_ids
 
 
-def _rules(caps: Capabilities) -> list[tuple[str, object]]:
+def _rules(caps: Capabilities, features_at_once: bool = False) -> list[tuple[str, object]]:
     """(skip reason, SQL condition a queue entry must meet for this claimer), in the order the
-    AI Horde reports them. Written against Q (queue_entries) and R (requests)."""
+    AI Horde reports them. Written against Q (queue_entries) and R (requests).
+    `features_at_once`: the features the claimer lacks in one rule, not one rule each (the
+    same condition: a request may need none of them), for the claim, which needs no reasons:
+    its statement then stays short enough for psycopg to cache its conversion (4 kB), which
+    it otherwise parses again on every pop."""
     listed = Q.c.target_workers.contains(caps.worker_id, autoescape=True)
     models = [*caps.models, ANY_MODEL] if _any_model(caps) else list(caps.models)
     rules: list[tuple[str, object]] = [
@@ -185,14 +189,16 @@ def _rules(caps: Capabilities) -> list[tuple[str, object]]:
     if caps.kind == "text":
         rules += [("max_context_length", Q.c.max_context_length <= caps.max_context_length),
                   ("max_length", Q.c.max_length <= caps.max_length)]
-    for feature in Feature:
-        if not caps.features & feature:
-            # `features = 0 OR ...`: PostgreSQL cannot estimate a bitwise test, and taking it
-            # for a rare match it would scan and sort the whole queue instead of reading the
-            # index in order; `features = 0` (nearly every request) it estimates from its stats.
-            rules.append((FEATURE_SKIP_REASON[feature],
-                          or_(Q.c.features == 0, Q.c.features.op("&")(int(feature)) == 0)))
-    return rules
+    # `features = 0 OR ...`: PostgreSQL cannot estimate a bitwise test, and taking it for a
+    # rare match it would scan and sort the whole queue instead of reading the index in order;
+    # `features = 0` (nearly every request) it estimates from its stats.
+    missing = [feature for feature in Feature if not caps.features & feature]
+    if features_at_once and missing:
+        return rules + [("features", or_(Q.c.features == 0,
+                                         Q.c.features.op("&")(int(sum(missing))) == 0))]
+    return rules + [(FEATURE_SKIP_REASON[feature],
+                     or_(Q.c.features == 0, Q.c.features.op("&")(int(feature)) == 0))
+                    for feature in missing]
 
 
 def _any_model(caps: Capabilities) -> str | None:
@@ -249,7 +255,7 @@ def _claim_statement(key: tuple, limit: int, pg: bool):
     """The claim's candidate query for one claimer: a UNION ALL of one index-ordered branch
     per model (and one for its priority users), each at most `limit` rows."""
     caps = Capabilities(*key)
-    conditions = [cond for _, cond in _rules(caps)]
+    conditions = [cond for _, cond in _rules(caps, features_at_once=True)]
     branches = []
 
     def branch(tier: int, *where):

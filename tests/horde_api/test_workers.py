@@ -7,7 +7,7 @@ import base64
 import time
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from api import ledger
 from api.db import queue
@@ -256,7 +256,9 @@ def test_pop_and_submit_statement_counts(client, ctx, worker_owner):
     lazy = [st for st in empty.statements if "synchronous_commit" in st]
     assert len(lazy) == (1 if ctx.db.engine.dialect.name == "postgresql" else 0)
     assert not any("synchronous_commit" in st for st in full.statements)
-    assert empty.count - len(lazy) == full.count == 5
+    assert empty.count - len(lazy) == full.count == 4
+    assert sum(st.lstrip().startswith("UPDATE workers") for st in empty.statements) == 1
+    assert not any(st.lstrip().startswith("SELECT workers") for st in empty.statements)
     # submit: user, job; compare-and-set, queue entry, model speed, ledger rows, 3 balances
     # (requester, owner, horde), worker counters.
     assert sub.count == 10
@@ -285,6 +287,40 @@ def test_uptime_bonus(client, ctx, worker_owner):
     pop(client, h)
     assert balances(ctx)[owner.id] - before == ctx.settings.uptime_bonus_kudos  # not again yet
     assert_ledger_consistent(ctx)
+
+
+def test_a_pop_counts_uptime_while_online_and_none_across_a_gap(client, ctx, worker_owner):
+    """The usual pop updates its worker in one statement (api/workers.py _touch_worker), with
+    the uptime rules the long way uses: time since the last pop counts while the worker was
+    online; after a gap longer than stale_worker_seconds nothing counts and the bonus period
+    starts again."""
+    _, h = worker_owner
+    pop(client, h)  # creates w1
+
+    def set_worker(**values):
+        with ctx.db.write() as s:
+            s.execute(update(Worker).where(Worker.name == "w1").values(**values))
+
+    def worker_times():
+        with ctx.db.read() as s:
+            return s.execute(select(Worker.uptime_seconds, Worker.last_seen, Worker.last_bonus_at)
+                             .where(Worker.name == "w1")).one()
+
+    t0 = time.time()
+    set_worker(uptime_seconds=100.0, last_seen=t0 - 10, last_bonus_at=t0 - 20)
+    with count_statements(ctx.db) as online:
+        assert pop(client, h).status_code == 200
+    uptime, seen, bonus_at = worker_times()
+    assert 110 <= uptime <= 110 + (time.time() - t0)
+    assert seen >= t0 and bonus_at == pytest.approx(t0 - 20)
+    assert not any(st.lstrip().startswith("SELECT workers") for st in online.statements)
+
+    t1 = time.time()
+    set_worker(last_seen=t1 - ctx.settings.stale_worker_seconds - 50)
+    assert pop(client, h).status_code == 200
+    after_gap, seen, bonus_at = worker_times()
+    assert after_gap == pytest.approx(uptime)
+    assert seen >= t1 and bonus_at >= t1
 
 
 def test_rate_limits(db, tmp_path):
