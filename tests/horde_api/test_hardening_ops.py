@@ -246,6 +246,29 @@ def test_the_api_recovers_when_its_database_connections_are_terminated(pg_ctx):
                 assert codes[0] in (200, 202), (codes, answers[0].text)
 
 
+def test_a_pooled_connection_the_server_closed_is_replaced_before_use(pg_ctx):
+    """A connection whose server process has ended is found when taken from the pool (its
+    socket says so) and replaced, without a round trip per checkout and without failing the
+    call: no 503 once the server has closed it."""
+    from sqlalchemy import text
+
+    def backend_pid() -> int:
+        with pg_ctx.db.read() as session:
+            return session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+
+    pid = backend_pid()
+    assert pid == backend_pid()  # the pool hands back the same connection
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+        deadline = time.time() + 10
+        while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                           (pid,)).fetchone()[0]:  # wait for the server process to be gone
+            assert time.time() < deadline, "the terminated backend never exited"
+            time.sleep(0.02)
+    replacement = backend_pid()  # raises if the closed connection were used
+    assert replacement != pid
+
+
 # --- the dispatcher, with fake Serve handles ---
 
 class HangingCall:

@@ -58,6 +58,17 @@ def assert_served_by_haproxy(node_id: str, port: int = 8000) -> None:
         f"port {port} is served by {listeners}, not this cluster's HAProxy {haproxy_pids(node_id)}"
 
 
+def wait_until_port_is_free(port: int = 8000, timeout: float = 60) -> None:
+    """Wait for whatever still listens on `port` to end: the HAProxy of a cluster that has
+    just shut down (a bench or test run right before) can hold it for a while after its
+    node is gone, and the new cluster's ingress would then fail to bind."""
+    deadline = time.time() + timeout
+    while holders := {c.pid for c in psutil.net_connections("tcp")
+                      if c.status == psutil.CONN_LISTEN and c.laddr.port == port}:
+        assert time.time() < deadline, f"port {port} is still held by {holders}"
+        time.sleep(0.2)
+
+
 def replica_actor(app: str, deployment: str):
     """A live replica of `deployment` (named SERVE_REPLICA::<app>#<deployment>#<id>)."""
     import ray
@@ -93,6 +104,7 @@ def running_cluster(workdir: Path, database_url: str | None = None, families: di
     from api.db.session import get_database
     from cluster.deploy import APP_NAME, deploy, load_config
 
+    wait_until_port_is_free()
     saved_env = {k: os.environ.get(k) for k in SERVE_ENV}
     os.environ.update(SERVE_ENV)
     with socket.socket() as s:  # Ray's Prometheus export (api/metrics.py), on a free port
