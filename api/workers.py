@@ -17,9 +17,10 @@ import binascii
 import time
 import uuid
 from collections.abc import Callable
+from functools import lru_cache
 from typing import NamedTuple
 
-from sqlalchemy import Double, and_, case, func, literal, not_, or_, select, update
+from sqlalchemy import Double, and_, bindparam, case, func, not_, or_, select, update
 from sqlalchemy.orm import Session
 
 from api import known_models, ledger, metrics
@@ -119,23 +120,39 @@ def _touch_worker(ctx: Context, session, user: User, name: str, worker_type: str
     (to create the worker, say why not, or pay the bonus). A round trip to the database costs
     about as much as the rest of an empty pop's own work."""
     s = ctx.settings
-    since_seen = literal(now, Double) - Worker.last_seen
-    online = since_seen < s.stale_worker_seconds
-    period_over = and_(online, literal(now, Double) - Worker.last_bonus_at >= s.uptime_bonus_seconds)
-    conditions = [Worker.name == name, Worker.owner_id == user.id, Worker.type == worker_type,
-                  Worker.maintenance.is_(False)]
-    if s.uptime_bonus_kudos:
+    statement = _touch_statement(tuple(declared), s.stale_worker_seconds,
+                                 s.uptime_bonus_seconds, bool(s.uptime_bonus_kudos))
+    params = {"worker_name": name, "worker_owner": user.id, "worker_type": worker_type, "now": now,
+              **{f"declared_{k}": v for k, v in declared.items()}}
+    return session.execute(statement, params,
+                           execution_options={"synchronize_session": False}).scalar_one_or_none()
+
+
+@lru_cache(maxsize=16)
+def _touch_statement(declared: tuple[str, ...], stale_seconds: float, bonus_seconds: float,
+                     bonus_paid: bool):
+    """_touch_worker's statement, built once per shape (the columns a pop declares) and run
+    with its values bound: building the expression costs more than running it."""
+    at = bindparam("now", type_=Double)
+    since_seen = at - Worker.last_seen
+    online = since_seen < stale_seconds
+    period_over = and_(online, at - Worker.last_bonus_at >= bonus_seconds)
+    # (bind names other than the columns': those are SQLAlchemy's own in an UPDATE)
+    conditions = [Worker.name == bindparam("worker_name"),
+                  Worker.owner_id == bindparam("worker_owner"),
+                  Worker.type == bindparam("worker_type"), Worker.maintenance.is_(False)]
+    if bonus_paid:
         worked = and_(Worker.last_job_at.is_not(None), Worker.last_job_at >= Worker.last_bonus_at)
         conditions.append(not_(and_(period_over, worked)))
-    statement = (
+    columns = Worker.__table__.c
+    return (
         update(Worker).where(*conditions)
-        .values(**declared, last_seen=now,
+        .values(**{k: bindparam(f"declared_{k}", type_=columns[k].type) for k in declared},
+                last_seen=at,
                 uptime_seconds=Worker.uptime_seconds + case((online, since_seen), else_=0.0),
-                last_bonus_at=case((or_(period_over, not_(online)), now),
+                last_bonus_at=case((or_(period_over, not_(online)), at),
                                    else_=Worker.last_bonus_at))
         .returning(Worker))
-    return session.execute(statement, execution_options={"synchronize_session": False}
-                           ).scalar_one_or_none()
 
 
 def _check_worker_count(ctx: Context, session, user: User) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from fastapi import Header, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import ANONYMOUS_KEY, ANONYMOUS_USER_ID, hash_api_key
@@ -25,6 +25,10 @@ def ctx_of(request: Request) -> Context:
     return request.app.state.ctx
 
 
+# Built once: each call binds its digest (building the expression costs more than running it).
+USER_BY_KEY = select(User).where(User.api_key_hash == bindparam("digest"))
+
+
 def authenticate(ctx: Context, session, apikey: str | None) -> User:
     """The user behind an `apikey` header; no header means the anonymous user."""
     if apikey is None or apikey == ANONYMOUS_KEY:
@@ -32,8 +36,7 @@ def authenticate(ctx: Context, session, apikey: str | None) -> User:
     if not 10 <= len(apikey) <= 100:
         raise HordeError(401, "InvalidAPIKey", "apikey: malformed API key")
     user = session.execute(
-        select(User).where(User.api_key_hash == hash_api_key(apikey, ctx.settings.key_salt))
-    ).scalar_one_or_none()
+        USER_BY_KEY, {"digest": hash_api_key(apikey, ctx.settings.key_salt)}).scalar_one_or_none()
     if user is None:
         raise HordeError(401, "InvalidAPIKey", "apikey: unknown API key")
     return user
