@@ -74,7 +74,8 @@ def worker_for_pop(ctx: Context, session, user: User, name: str, worker_type: st
     at most `max_workers_per_user` of them (trusted users and moderators
     `max_workers_trusted`)."""
     check_worker_name(name)
-    worker = _touch_worker(ctx, session, user, name, worker_type, declared, now)
+    worker = _touch(ctx, session, declared, now, worker_name=name, worker_owner=user.id,
+                    worker_type=worker_type)
     if worker is not None:
         return worker
     s = ctx.settings
@@ -97,62 +98,66 @@ def worker_for_pop(ctx: Context, session, user: User, name: str, worker_type: st
                          + (f" ({worker.maintenance_msg})" if worker.maintenance_msg else "")
                          + ": its owner can end it with PUT /api/v2/workers/{id}")
     online = now - worker.last_seen < s.stale_worker_seconds
-    uptime = worker.uptime_seconds + (now - worker.last_seen if online else 0.0)
     period_over = online and now - worker.last_bonus_at >= s.uptime_bonus_seconds
     # Only work earns the bonus: a period in which the worker finished a job for someone else
     # (api/db/queue.py finish_in keeps last_job_at), so popping alone, under any number of
     # names, mints nothing.
     worked = worker.last_job_at is not None and worker.last_job_at >= worker.last_bonus_at
-    session.execute(update(Worker).where(Worker.id == worker.id).values(
-        **declared, last_seen=now, uptime_seconds=uptime,
-        last_bonus_at=now if period_over or not online else worker.last_bonus_at))
+    _touch(ctx, session, declared, now, worker_id=worker.id)
     if period_over and worked and s.uptime_bonus_kudos:
         ledger.award(session, user.id, s.uptime_bonus_kudos, kind="uptime", ref=worker.id)
     return worker
 
 
-def _touch_worker(ctx: Context, session, user: User, name: str, worker_type: str,
-                  declared: dict, now: float) -> Worker | None:
-    """worker_for_pop in one statement for the usual pop: an existing worker of `user` and
-    this type, not in maintenance, with no uptime bonus falling due, updated as worker_for_pop
-    updates it (the same uptime rules, written in SQL: SET expressions read the row as it was)
-    and returned. None for every other case, which worker_for_pop then takes the long way
-    (to create the worker, say why not, or pay the bonus). A round trip to the database costs
-    about as much as the rest of an empty pop's own work."""
+def _touch(ctx: Context, session, declared: dict, now: float, **where) -> Worker | None:
+    """A pop's update of its worker (see _touch_statement), one statement. By `worker_id`:
+    worker_for_pop's long way, which read the worker first. Otherwise the usual pop in one
+    statement, by `worker_name`, `worker_owner` and `worker_type`: the worker is updated and
+    returned only if it is not in maintenance and no uptime bonus falls due; None for every
+    other case, which worker_for_pop then takes the long way (to create the worker, say why
+    not, or pay the bonus). A round trip to the database costs about as much as the rest of an
+    empty pop's own work."""
     s = ctx.settings
+    by_id = "worker_id" in where
     statement = _touch_statement(tuple(declared), s.stale_worker_seconds,
-                                 s.uptime_bonus_seconds, bool(s.uptime_bonus_kudos))
-    params = {"worker_name": name, "worker_owner": user.id, "worker_type": worker_type, "now": now,
-              **{f"declared_{k}": v for k, v in declared.items()}}
-    return session.execute(statement, params,
-                           execution_options={"synchronize_session": False}).scalar_one_or_none()
+                                 s.uptime_bonus_seconds, bool(s.uptime_bonus_kudos), by_id)
+    params = {**where, "now": now, **{f"declared_{k}": v for k, v in declared.items()}}
+    result = session.execute(statement, params, execution_options={"synchronize_session": False})
+    return None if by_id else result.scalar_one_or_none()
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=32)
 def _touch_statement(declared: tuple[str, ...], stale_seconds: float, bonus_seconds: float,
-                     bonus_paid: bool):
-    """_touch_worker's statement, built once per shape (the columns a pop declares) and run
-    with its values bound: building the expression costs more than running it."""
+                     bonus_paid: bool, by_id: bool):
+    """_touch's statement: the `declared` columns, last_seen, and the uptime rules in SQL (SET
+    expressions read the row as it was): the time since the last pop counts while the worker
+    was online, and the bonus period starts again when one is over or after a gap. Built once
+    per shape (the columns a pop declares) and run with its values bound: building the
+    expression costs more than running it."""
     at = bindparam("now", type_=Double)
     since_seen = at - Worker.last_seen
     online = since_seen < stale_seconds
     period_over = and_(online, at - Worker.last_bonus_at >= bonus_seconds)
     # (bind names other than the columns': those are SQLAlchemy's own in an UPDATE)
-    conditions = [Worker.name == bindparam("worker_name"),
-                  Worker.owner_id == bindparam("worker_owner"),
-                  Worker.type == bindparam("worker_type"), Worker.maintenance.is_(False)]
-    if bonus_paid:
-        worked = and_(Worker.last_job_at.is_not(None), Worker.last_job_at >= Worker.last_bonus_at)
-        conditions.append(not_(and_(period_over, worked)))
+    if by_id:
+        conditions = [Worker.id == bindparam("worker_id")]
+    else:
+        conditions = [Worker.name == bindparam("worker_name"),
+                      Worker.owner_id == bindparam("worker_owner"),
+                      Worker.type == bindparam("worker_type"), Worker.maintenance.is_(False)]
+        if bonus_paid:
+            worked = and_(Worker.last_job_at.is_not(None),
+                          Worker.last_job_at >= Worker.last_bonus_at)
+            conditions.append(not_(and_(period_over, worked)))
     columns = Worker.__table__.c
-    return (
+    statement = (
         update(Worker).where(*conditions)
         .values(**{k: bindparam(f"declared_{k}", type_=columns[k].type) for k in declared},
                 last_seen=at,
                 uptime_seconds=Worker.uptime_seconds + case((online, since_seen), else_=0.0),
                 last_bonus_at=case((or_(period_over, not_(online)), at),
-                                   else_=Worker.last_bonus_at))
-        .returning(Worker))
+                                   else_=Worker.last_bonus_at)))
+    return statement if by_id else statement.returning(Worker)
 
 
 def _check_worker_count(ctx: Context, session, user: User) -> None:

@@ -290,10 +290,9 @@ def test_uptime_bonus(client, ctx, worker_owner):
 
 
 def test_a_pop_counts_uptime_while_online_and_none_across_a_gap(client, ctx, worker_owner):
-    """The usual pop updates its worker in one statement (api/workers.py _touch_worker), with
-    the uptime rules the long way uses: time since the last pop counts while the worker was
-    online; after a gap longer than stale_worker_seconds nothing counts and the bonus period
-    starts again."""
+    """The usual pop updates its worker in one statement (api/workers.py _touch), with the
+    uptime rules: time since the last pop counts while the worker was online; after a gap
+    longer than stale_worker_seconds nothing counts and the bonus period starts again."""
     _, h = worker_owner
     pop(client, h)  # creates w1
 
