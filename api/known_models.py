@@ -24,6 +24,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import aliased
 
 from api.db.models import Generation, QueueEntry, Request, User, Worker
+from api.db.queue import UNCLAIMED
 from api.errors import HordeError
 from models.catalog import Family, ModelEntry
 from models.reference import ReferenceModel
@@ -182,7 +183,8 @@ def expire_unclaimed(ctx, now: float | None = None) -> int:
     with ctx.db.write() as session:
         ids = session.execute(
             select(G.id).join(Q, Q.generation_id == G.id).join(R, R.id == G.request_id)
-            .where(Q.sort_key < cutoff + s.anonymous_penalty_seconds, G.state == "waiting",
+            .where(UNCLAIMED, Q.sort_key < cutoff + s.anonymous_penalty_seconds,
+                   G.state == "waiting",
                    R.created_at < cutoff, ~recent.exists())
             .order_by(Q.sort_key).limit(EXPIRE_BATCH)).scalars().all()
         if not ids:

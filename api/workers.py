@@ -20,7 +20,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import NamedTuple
 
-from sqlalchemy import Double, and_, bindparam, case, func, not_, or_, select, update
+from sqlalchemy import Double, Row, and_, bindparam, case, func, not_, or_, select, update
 from sqlalchemy.orm import Session
 
 from api import known_models, ledger, metrics
@@ -67,12 +67,13 @@ def check_worker_name(name: str) -> None:
 
 
 def worker_for_pop(ctx: Context, session, user: User, name: str, worker_type: str,
-                   declared: dict, now: float, kind: str = "http") -> Worker:
+                   declared: dict, now: float, kind: str = "http") -> Worker | Row:
     """The caller's worker `name`, created on its first pop, updated with what it `declared`
     now (Worker columns); its uptime, and the uptime bonus when one falls due. A name belongs to
     the user who first used it, and serves one type (image, text or interrogation); a user has
     at most `max_workers_per_user` of them (trusted users and moderators
-    `max_workers_trusted`)."""
+    `max_workers_trusted`). Returns its POP_WORKER_COLUMNS, what a pop reads of it (on the
+    usual pop a row of just those, on the long way the Worker)."""
     check_worker_name(name)
     worker = _touch(ctx, session, declared, now, worker_name=name, worker_owner=user.id,
                     worker_type=worker_type)
@@ -109,7 +110,14 @@ def worker_for_pop(ctx: Context, session, user: User, name: str, worker_type: st
     return worker
 
 
-def _touch(ctx: Context, session, declared: dict, now: float, **where) -> Worker | None:
+# What a pop reads of its worker (its id; is_slow's counters): the usual pop's update returns
+# these columns, not the whole row through the ORM, which cost more than the update itself.
+_W = Worker.__table__.c
+POP_WORKER_COLUMNS = (_W.id, _W.type, _W.seconds_working, _W.megapixelsteps_done,
+                      _W.tokens_generated)
+
+
+def _touch(ctx: Context, session, declared: dict, now: float, **where):
     """A pop's update of its worker (see _touch_statement), one statement. By `worker_id`:
     worker_for_pop's long way, which read the worker first. Otherwise the usual pop in one
     statement, by `worker_name`, `worker_owner` and `worker_type`: the worker is updated and
@@ -122,8 +130,8 @@ def _touch(ctx: Context, session, declared: dict, now: float, **where) -> Worker
     statement = _touch_statement(tuple(declared), s.stale_worker_seconds,
                                  s.uptime_bonus_seconds, bool(s.uptime_bonus_kudos), by_id)
     params = {**where, "now": now, **{f"declared_{k}": v for k, v in declared.items()}}
-    result = session.execute(statement, params, execution_options={"synchronize_session": False})
-    return None if by_id else result.scalar_one_or_none()
+    result = session.execute(statement, params)
+    return None if by_id else result.one_or_none()
 
 
 @lru_cache(maxsize=32)
@@ -151,13 +159,13 @@ def _touch_statement(declared: tuple[str, ...], stale_seconds: float, bonus_seco
             conditions.append(not_(and_(period_over, worked)))
     columns = Worker.__table__.c
     statement = (
-        update(Worker).where(*conditions)
+        update(Worker.__table__).where(*conditions)
         .values(**{k: bindparam(f"declared_{k}", type_=columns[k].type) for k in declared},
                 last_seen=at,
                 uptime_seconds=Worker.uptime_seconds + case((online, since_seen), else_=0.0),
                 last_bonus_at=case((or_(period_over, not_(online)), at),
                                    else_=Worker.last_bonus_at)))
-    return statement if by_id else statement.returning(Worker)
+    return statement if by_id else statement.returning(*POP_WORKER_COLUMNS)
 
 
 def _check_worker_count(ctx: Context, session, user: User) -> None:
@@ -176,7 +184,7 @@ def _check_worker_count(ctx: Context, session, user: User) -> None:
                          "with one of their names, or rename one (PUT /api/v2/workers/{id})")
 
 
-def is_slow(ctx: Context, worker: Worker) -> bool:
+def is_slow(ctx: Context, worker: Worker | Row) -> bool:
     """Measured slower than requests with `slow_workers: false` accept (megapixelsteps per
     second for image workers, tokens per second for text ones); unmeasured workers are not."""
     if not worker.seconds_working:

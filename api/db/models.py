@@ -19,6 +19,8 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -286,7 +288,10 @@ class QueueEntry(Base):
     `sort_key` = aging * submit time - priority: ordering by it ascending is ordering by
     "priority raised by aging" descending, without ever rewriting a row as time passes.
     A request naming no model gets one entry with model '*'. Entries live until the generation
-    ends (done, faulted, cancelled), so a job handed back to the queue keeps its place."""
+    ends (done, faulted, cancelled), so a job handed back to the queue keeps its place; while
+    its generation is claimed they are marked `claimed`, and the two indexes claims read hold
+    unclaimed entries only, so a claim never steps over the jobs in flight (thousands, on a
+    busy horde) to reach the first waiting one."""
 
     __tablename__ = "queue_entries"
 
@@ -316,10 +321,15 @@ class QueueEntry(Base):
     kind: Mapped[str] = mapped_column(String(8), default="image")
     max_length: Mapped[int] = mapped_column(Integer, default=0)
     max_context_length: Mapped[int] = mapped_column(Integer, default=0)
+    # Its generation is processing (api/db/queue.py: set by a claim, cleared when the claim
+    # hands the job back).
+    claimed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     __table_args__ = (
-        Index("ix_queue_claim", "model", "sort_key", "id"),
-        Index("ix_queue_sort", "sort_key", "id"),
+        Index("ix_queue_claim", "model", "sort_key", "id",
+              postgresql_where=text("NOT claimed"), sqlite_where=text("NOT claimed")),
+        Index("ix_queue_sort", "sort_key", "id",
+              postgresql_where=text("NOT claimed"), sqlite_where=text("NOT claimed")),
         Index("ix_queue_user", "user_id", "sort_key"),
     )
 
