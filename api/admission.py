@@ -3,12 +3,28 @@ requester's concurrency cap, the workers it names, its place in the queue."""
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import Integer, bindparam, func, literal_column, select
 
 from api.auth import ANONYMOUS_USER_ID
 from api.db.models import Generation, User, Worker
 from api.errors import HordeError
 from api.kudos import head_start_seconds
+
+
+def _unfinished_statement():
+    """check_capacity's statement, built once and run with its values bound (building it
+    cost more than running it). The states are written out, not bound: SQLAlchemy would
+    expand a bound IN list again on every call."""
+    G = Generation.__table__.c
+    unfinished = (select((G.kudos + G.tax).label("owed"))
+                  .where(G.requester == bindparam("requester"),
+                         G.state.in_([literal_column("'waiting'"), literal_column("'processing'")]))
+                  .limit(bindparam("cap", type_=Integer)).subquery())
+    return (select(func.count(), func.coalesce(func.sum(unfinished.c.owed), 0.0))
+            .select_from(unfinished))
+
+
+UNFINISHED = _unfinished_statement()
 
 
 def check_capacity(ctx, session, user: User, requester: str, n: int) -> float:
@@ -18,13 +34,7 @@ def check_capacity(ctx, session, user: User, requester: str, n: int) -> float:
     generations (when there are more, the request is refused and the sum is not needed)."""
     s = ctx.settings
     cap = s.max_waiting_education if user.education else s.max_waiting_per_user
-    unfinished = (select((Generation.kudos + Generation.tax).label("owed"))
-                  .where(Generation.requester == requester,
-                         Generation.state.in_(("waiting", "processing")))
-                  .limit(cap + 1).subquery())
-    active, owed = session.execute(
-        select(func.count(), func.coalesce(func.sum(unfinished.c.owed), 0.0))
-        .select_from(unfinished)).one()
+    active, owed = session.execute(UNFINISHED, {"requester": requester, "cap": cap + 1}).one()
     if active + n > cap:
         raise HordeError(429, "TooManyPrompts",
                          f"params.n: {active} of your generations are already queued and you "

@@ -158,7 +158,7 @@ def enqueue(session, request: Request, seeds: list[int], models: list[str], sort
     whatever `n` and the number of models. `reward` and `tax` are per generation."""
     gen_ids = [str(uuid.uuid4()) for _ in seeds]
     mps = filters.megapixelsteps
-    session.execute(G.insert(), [
+    _insert(session, G, [
         {"id": gid, "request_id": request.id, "position": i, "state": "waiting", "seed": seed,
          "attempts": 0, "censored": False, "gen_metadata": [], "requester": request.requester,
          "user_id": request.user_id, "kudos": reward, "tax": tax, "megapixelsteps": mps}
@@ -173,11 +173,15 @@ def enqueue(session, request: Request, seeds: list[int], models: list[str], sort
         "features": filters.features, "target_mode": filters.target_mode,
         "target_workers": ",".join(filters.target_workers),
     }
-    session.execute(Q.insert(), [
-        {"generation_id": gid, "model": m, **common}
-        for gid in gen_ids for m in (models or [ANY_MODEL])
-    ])
+    _insert(session, Q, [{"generation_id": gid, "model": m, **common}
+                         for gid in gen_ids for m in (models or [ANY_MODEL])])
     return gen_ids
+
+
+def _insert(session, table, rows: list[dict]) -> None:
+    """One statement: a single row as one execute (executemany costs psycopg a pipeline, more
+    than the insert of one row), more as one executemany."""
+    session.execute(table.insert(), rows if len(rows) > 1 else rows[0])
 
 
 def _rules(caps: Capabilities, features_at_once: bool = False) -> list[tuple[str, object]]:
