@@ -142,29 +142,31 @@ def _touch_statement(declared: tuple[str, ...], stale_seconds: float, bonus_seco
     was online, and the bonus period starts again when one is over or after a gap. Built once
     per shape (the columns a pop declares) and run with its values bound: building the
     expression costs more than running it."""
+    # Table columns, not the ORM's attributes: a statement naming those is run through the
+    # ORM's bulk update, which costs more than the update itself.
+    W = Worker.__table__.c
     at = bindparam("now", type_=Double)
-    since_seen = at - Worker.last_seen
+    since_seen = at - W.last_seen
     online = since_seen < stale_seconds
-    period_over = and_(online, at - Worker.last_bonus_at >= bonus_seconds)
+    period_over = and_(online, at - W.last_bonus_at >= bonus_seconds)
     # (bind names other than the columns': those are SQLAlchemy's own in an UPDATE)
     if by_id:
-        conditions = [Worker.id == bindparam("worker_id")]
+        conditions = [W.id == bindparam("worker_id")]
     else:
-        conditions = [Worker.name == bindparam("worker_name"),
-                      Worker.owner_id == bindparam("worker_owner"),
-                      Worker.type == bindparam("worker_type"), Worker.maintenance.is_(False)]
+        conditions = [W.name == bindparam("worker_name"),
+                      W.owner_id == bindparam("worker_owner"),
+                      W.type == bindparam("worker_type"), W.maintenance.is_(False)]
         if bonus_paid:
-            worked = and_(Worker.last_job_at.is_not(None),
-                          Worker.last_job_at >= Worker.last_bonus_at)
+            worked = and_(W.last_job_at.is_not(None),
+                          W.last_job_at >= W.last_bonus_at)
             conditions.append(not_(and_(period_over, worked)))
-    columns = Worker.__table__.c
     statement = (
         update(Worker.__table__).where(*conditions)
-        .values(**{k: bindparam(f"declared_{k}", type_=columns[k].type) for k in declared},
+        .values(**{k: bindparam(f"declared_{k}", type_=W[k].type) for k in declared},
                 last_seen=at,
-                uptime_seconds=Worker.uptime_seconds + case((online, since_seen), else_=0.0),
+                uptime_seconds=W.uptime_seconds + case((online, since_seen), else_=0.0),
                 last_bonus_at=case((or_(period_over, not_(online)), at),
-                                   else_=Worker.last_bonus_at)))
+                                   else_=W.last_bonus_at)))
     return statement if by_id else statement.returning(*POP_WORKER_COLUMNS)
 
 

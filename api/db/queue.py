@@ -194,7 +194,7 @@ def _rules(caps: Capabilities, features_at_once: bool = False) -> list[tuple[str
     listed = Q.c.target_workers.contains(caps.worker_id, autoescape=True)
     models = [*caps.models, ANY_MODEL] if _any_model(caps) else list(caps.models)
     rules: list[tuple[str, object]] = [
-        ("models", and_(Q.c.model.in_(models), Q.c.kind == caps.kind)),
+        ("models", and_(Q.c.model.in_(_each_bound(models)), Q.c.kind == caps.kind)),
         ("worker_id", or_(Q.c.target_mode == 0, and_(Q.c.target_mode == 1, listed),
                           and_(Q.c.target_mode == 2, not_(listed)))),
         ("max_pixels", Q.c.pixels <= caps.max_pixels),
@@ -220,6 +220,13 @@ def _rules(caps: Capabilities, features_at_once: bool = False) -> list[tuple[str
     return rules + [(FEATURE_SKIP_REASON[feature],
                      or_(Q.c.features == 0, Q.c.features.op("&")(int(feature)) == 0))
                     for feature in missing]
+
+
+def _each_bound(values) -> list:
+    """An IN list of one bound parameter per value, rendered once with its statement: a plain
+    list is an "expanding" parameter, which SQLAlchemy renders again on every execution (the
+    claim's statements are built once per claimer and run on every pop)."""
+    return [literal(v) for v in values]
 
 
 def _any_model(caps: Capabilities) -> str | None:
@@ -292,7 +299,7 @@ def _claim_statement(key: tuple, limit: int, pg: bool):
         branches.append(select(stmt.subquery()))
 
     if caps.priority_user_ids:  # reads ix_queue_user
-        branch(0, Q.c.user_id.in_(caps.priority_user_ids))
+        branch(0, Q.c.user_id.in_(_each_bound(caps.priority_user_ids)))
     for model in [*caps.models, ANY_MODEL] if _any_model(caps) else caps.models:  # each reads ix_queue_claim
         branch(1, Q.c.model == model)
     cand = branches[0].union_all(*branches[1:]).subquery()

@@ -52,10 +52,19 @@ def assert_served_by_haproxy(node_id: str, port: int = 8000) -> None:
             pass
         time.sleep(0.2)
     assert answer is not None and answer.status_code == 200, answer
-    listeners = {c.pid for c in psutil.net_connections("tcp")
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
-    assert listeners and listeners <= set(haproxy_pids(node_id)), \
-        f"port {port} is served by {listeners}, not this cluster's HAProxy {haproxy_pids(node_id)}"
+    # HAProxy reloads a new configuration by starting a new process, which listens beside the
+    # old one until the old one has ended: a listener that is not (yet, or any longer) one of
+    # this node's HAProxy processes gets a few seconds to settle.
+    deadline = time.time() + 10
+    while True:
+        listeners = {c.pid for c in psutil.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+        ours = set(haproxy_pids(node_id))
+        if listeners and listeners <= ours:
+            return
+        assert time.time() < deadline, \
+            f"port {port} is served by {listeners}, not this cluster's HAProxy {sorted(ours)}"
+        time.sleep(0.2)
 
 
 def wait_until_port_is_free(port: int = 8000, timeout: float = 60) -> None:
