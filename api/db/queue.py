@@ -181,7 +181,10 @@ def enqueue(session, request: Request, seeds: list[int], models: list[str], sort
 def _insert(session, table, rows: list[dict]) -> None:
     """One statement: a single row as one execute (executemany costs psycopg a pipeline, more
     than the insert of one row), more as one executemany."""
-    session.execute(table.insert(), rows if len(rows) > 1 else rows[0])
+    session.execute(_INSERTS[table.name], rows if len(rows) > 1 else rows[0])
+
+
+_INSERTS = {table.name: table.insert() for table in (G, Q)}  # built once
 
 
 def _rules(caps: Capabilities, features_at_once: bool = False) -> list[tuple[str, object]]:
