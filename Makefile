@@ -41,6 +41,7 @@ bench: install
 	$(SERVE_ENV) $(BIN)/python bench/api_latency.py --url $(BENCH_DB)
 	$(SERVE_ENV) $(BIN)/python bench/pop_latency.py --url $(BENCH_DB)
 	$(BIN)/python bench/pop_inprocess.py --url $(BENCH_DB)
+	$(BIN)/python bench/submit_inprocess.py --url $(BENCH_DB)
 	$(SERVE_ENV) $(BIN)/python bench/whole_path.py
 	$(SERVE_ENV) $(BIN)/python bench/workflows.py
 	$(SERVE_ENV) $(BIN)/python bench/workflow_graphs.py
