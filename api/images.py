@@ -309,9 +309,11 @@ def _estimate_statement(n_models: int):
             .where(G.request_id == bindparam("rid")).limit(1).scalar_subquery())
     # One ordered index read per queue it waits in (ix_queue_claim per model, or the kind's
     # whole queue through ix_queue_sort when it names no model), each stopping at the cap.
+    # Those indexes hold unclaimed entries only: what is ahead is what still waits for a
+    # worker, not what workers already hold.
     branches = []
     for model in [*models, queue.ANY_MODEL] if models else [None]:
-        branch = select(Q.generation_id, Q.sort_key).where(Q.sort_key < mine)
+        branch = select(Q.generation_id, Q.sort_key).where(queue.UNCLAIMED, Q.sort_key < mine)
         branch = branch.where(Q.model == model) if model is not None else \
             branch.where(Q.kind == bindparam("kind"))
         branches.append(select(branch.order_by(Q.sort_key, Q.id).limit(POSITION_COUNT_CAP)

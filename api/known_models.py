@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import aliased
 
-from api.db.models import Generation, QueueEntry, Request, User, Worker
-from api.db.queue import UNCLAIMED
+from api.db.models import UNCLAIMED, Generation, QueueEntry, Request, User, Worker
 from api.errors import HordeError
 from models.catalog import Family, ModelEntry
 from models.reference import ReferenceModel

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from sqlalchemy import event, func, literal, select, union_all
 from sqlalchemy.orm import Session
 
-from api.db.models import Generation, InterrogationForm, QueueEntry
+from api.db.models import UNCLAIMED, Generation, InterrogationForm, QueueEntry
 
 log = logging.getLogger("ray.serve")
 
@@ -304,10 +304,12 @@ F = InterrogationForm.__table__
 
 
 def _queued_models(session) -> list[str]:
-    """The distinct models of the queue's entries, by a loose scan of ix_queue_claim (one index
-    probe per model, whatever the number of entries)."""
-    seen = select(func.min(Q.c.model).label("model")).cte("queued_models", recursive=True)
-    following = select(func.min(Q.c.model)).where(Q.c.model > seen.c.model).scalar_subquery()
+    """The distinct models of the queue's unclaimed entries, by a loose scan of ix_queue_claim
+    (one index probe per model, whatever the number of entries)."""
+    seen = (select(func.min(Q.c.model).label("model")).where(UNCLAIMED)
+            .cte("queued_models", recursive=True))
+    following = (select(func.min(Q.c.model)).where(UNCLAIMED, Q.c.model > seen.c.model)
+                 .scalar_subquery())
     seen = seen.union_all(select(following).where(seen.c.model.is_not(None)))
     return list(session.scalars(select(seen.c.model).where(seen.c.model.is_not(None))
                                 .limit(MAX_QUEUED_MODELS)))
@@ -326,7 +328,8 @@ def waiting_counts(db, cap: int = QUEUE_DEPTH_CAP) -> dict[tuple[str, str], int]
             parts = []
             for model in models[i:i + _UNION_CHUNK]:
                 waiting = (select(Q.c.kind).join(G, G.c.id == Q.c.generation_id)
-                           .where(Q.c.model == model, G.c.state == "waiting").limit(cap)
+                           .where(UNCLAIMED, Q.c.model == model, G.c.state == "waiting")
+                           .limit(cap)
                            .subquery())
                 parts.append(select(literal(model), waiting.c.kind, func.count())
                              .group_by(waiting.c.kind))

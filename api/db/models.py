@@ -281,6 +281,11 @@ class InterrogationForm(Base):
                       Index("ix_forms_requester_state", "requester", "state"))
 
 
+# What the partial indexes ix_queue_claim and ix_queue_sort (below) hold: a query that reads
+# them must say it in these words, for the planner (SQLite's above all) to see that they apply.
+UNCLAIMED = text("NOT queue_entries.claimed")
+
+
 class QueueEntry(Base):
     """The priority queue: one row per (waiting generation, model it may run on), read through
     the (model, sort_key, id) index so claiming costs the same at 10 or 100,000 waiting.

@@ -35,15 +35,12 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from api import ledger
-from api.db.models import Generation, ModelStat, QueueEntry, Request, Worker
+from api.db.models import UNCLAIMED, Generation, ModelStat, QueueEntry, Request, Worker
 from api.db.session import Database
 
 ANY_MODEL = "*"
 G = Generation.__table__
 Q = QueueEntry.__table__
-# What the partial indexes ix_queue_claim and ix_queue_sort hold: a query that reads them must
-# say it in these words, for the planner (SQLite's above all) to see that they apply.
-UNCLAIMED = text("NOT queue_entries.claimed")
 R = Request.__table__
 W = Worker.__table__
 SKIPPED_SAMPLE = 100  # waiting generations an empty pop looks at to fill `skipped`

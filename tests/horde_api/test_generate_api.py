@@ -59,6 +59,12 @@ def test_check_counts_and_queue_position(client, ctx):
     assert c2["queue_position"] == 2 and c2["wait_time"] > 0
     assert set(c1) == {"finished", "processing", "restarted", "waiting", "done", "faulted",
                        "wait_time", "queue_position", "kudos", "is_possible"}
+    # Jobs workers hold are no longer ahead of anyone; handed back, they are again.
+    held = queue.claim(ctx.db, queue.Capabilities("w-test", ["tiny-sd15"]), 2)
+    assert {j.request_id for j in held} == {first}
+    assert client.get(f"/api/v2/generate/check/{second}").json()["queue_position"] == 0
+    queue.release(ctx.db, [(j.generation_id, j.claim_id) for j in held], "test", 3)
+    assert client.get(f"/api/v2/generate/check/{second}").json()["queue_position"] == 2
 
 
 def _complete_all(ctx, worker="w-test"):
