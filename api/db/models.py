@@ -284,6 +284,7 @@ class InterrogationForm(Base):
 # What the partial indexes ix_queue_claim and ix_queue_sort (below) hold: a query that reads
 # them must say it in these words, for the planner (SQLite's above all) to see that they apply.
 UNCLAIMED = text("NOT queue_entries.claimed")
+_INDEXED = text("NOT claimed")  # the same, as the indexes' own WHERE
 
 
 class QueueEntry(Base):
@@ -332,9 +333,9 @@ class QueueEntry(Base):
 
     __table_args__ = (
         Index("ix_queue_claim", "model", "sort_key", "id",
-              postgresql_where=text("NOT claimed"), sqlite_where=text("NOT claimed")),
+              postgresql_where=_INDEXED, sqlite_where=_INDEXED),
         Index("ix_queue_sort", "sort_key", "id",
-              postgresql_where=text("NOT claimed"), sqlite_where=text("NOT claimed")),
+              postgresql_where=_INDEXED, sqlite_where=_INDEXED),
         Index("ix_queue_user", "user_id", "sort_key"),
     )
 
