@@ -142,9 +142,9 @@ def _touch_statement(declared: tuple[str, ...], stale_seconds: float, bonus_seco
     was online, and the bonus period starts again when one is over or after a gap. Built once
     per shape (the columns a pop declares) and run with its values bound: building the
     expression costs more than running it."""
-    # Table columns, not the ORM's attributes: a statement naming those is run through the
-    # ORM's bulk update, which costs more than the update itself.
-    W = Worker.__table__.c
+    # Table columns (_W), not the ORM's attributes: a statement naming those is run through
+    # the ORM's bulk update, which costs more than the update itself.
+    W = _W
     at = bindparam("now", type_=Double)
     since_seen = at - W.last_seen
     online = since_seen < stale_seconds

@@ -176,12 +176,17 @@ def enqueue(session, request: Request, seeds: list[int], models: list[str], sort
 
 
 def _insert(session, table, rows: list[dict]) -> None:
-    """One statement: a single row as one execute (executemany costs psycopg a pipeline, more
-    than the insert of one row), more as one executemany."""
-    session.execute(_INSERTS[table.name], rows if len(rows) > 1 else rows[0])
+    _execute_rows(session, _INSERTS[table.name], rows)
 
 
 _INSERTS = {table.name: table.insert() for table in (G, Q)}  # built once
+
+
+def _execute_rows(session, statement, rows: list[dict]) -> None:
+    """`statement` once per row of values: a single row (nearly every submit and claim) as one
+    execute, since executemany costs psycopg a pipeline, more than the statement of one row;
+    more as one executemany."""
+    session.execute(statement, rows if len(rows) > 1 else rows[0])
 
 
 def _rules(caps: Capabilities, features_at_once: bool = False) -> list[tuple[str, object]]:
@@ -360,12 +365,11 @@ def claim_in(session, caps: Capabilities, limit: int, now: float,
         if len(chosen) == limit:
             break
     jobs = list(chosen.values())
-    values = [{"gid": j.generation_id, "m": j.model, "cid": j.claim_id, "dl": j.deadline,
-               "worker": caps.worker_id, "now": now} for j in jobs]
-    # One job (nearly every pop) as one execute: executemany costs psycopg a pipeline.
-    for statement in _claim_updates(pg):
-        if values:
-            session.execute(statement, values if len(values) > 1 else values[0])
+    if jobs:
+        values = [{"gid": j.generation_id, "m": j.model, "cid": j.claim_id, "dl": j.deadline,
+                   "worker": caps.worker_id, "now": now} for j in jobs]
+        for statement in _claim_updates(pg):
+            _execute_rows(session, statement, values)
     jobs.sort(key=lambda j: (j.request_id, j.position))
     return jobs
 
