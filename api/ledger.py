@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass
 
 from sqlalchemy import insert, select, update
 
@@ -37,10 +38,42 @@ def horde_account_id(session) -> int:
     return _horde_ids[url]
 
 
+@dataclass
+class Usage:
+    """Generations finished for a user, folded into its counters with a movement."""
+
+    generations: int = 0
+    megapixelsteps: float = 0.0
+    tokens: int = 0
+
+
+# The users' counters each kind of row moves (besides `kudos`), as /users shows them
+# (api/users.py): rewards accumulated; transfers given and received; awards and uptime
+# bonuses awarded, of which awards by admins.
+def _counter_deltas(kind: str, amount: float) -> dict[str, float]:
+    if kind == "reward":
+        return {"kudos_accumulated": amount}
+    if kind == "transfer":
+        return {"kudos_gifted": -amount} if amount < 0 else {"kudos_received": amount}
+    if kind == "award":
+        return {"kudos_awarded": amount, "kudos_admin": amount}
+    if kind == "uptime":
+        return {"kudos_awarded": amount}
+    return {}
+
+
+def _move(session, user_id: int, deltas: dict[str, float]) -> None:
+    """One user's balance and counters moved by `deltas` (column -> amount), one UPDATE."""
+    C = User.__table__.c
+    session.execute(update(User.__table__).where(C.id == user_id)
+                    .values({C[name]: C[name] + delta for name, delta in sorted(deltas.items())}))
+
+
 def record(session, rows: list[tuple[int, float, str]], ref: str | None = None,
-           now: float | None = None) -> str:
-    """Write one movement: `rows` of (user id, amount, kind) that sum to zero. Returns its
-    transaction id. Two statements plus one balance update per distinct user."""
+           now: float | None = None, usage: dict[int, Usage] | None = None) -> str:
+    """Write one movement: `rows` of (user id, amount, kind) that sum to zero, and `usage`
+    (generations finished for users) into their counters. Returns its transaction id. Two
+    statements plus one update per distinct user (balance and counters together)."""
     if not rows:
         raise ValueError("a kudos movement needs rows")
     total = sum(amount for _, amount, _ in rows)
@@ -53,13 +86,19 @@ def record(session, rows: list[tuple[int, float, str]], ref: str | None = None,
          "created_at": now}
         for uid, amount, kind in rows
     ])
-    deltas: dict[int, float] = defaultdict(float)
-    for uid, amount, _ in rows:
-        deltas[uid] += amount
+    deltas: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for uid, amount, kind in rows:
+        deltas[uid]["kudos"] += amount
+        for name, delta in _counter_deltas(kind, amount).items():
+            deltas[uid][name] += delta
+    for uid, used in (usage or {}).items():
+        deltas[uid]["usage_requests"] += used.generations
+        deltas[uid]["usage_megapixelsteps"] += used.megapixelsteps
+        deltas[uid]["usage_tokens"] += used.tokens
     for uid in sorted(deltas):
-        if deltas[uid]:
-            session.execute(update(User).where(User.id == uid)
-                            .values(kudos=User.kudos + deltas[uid]))
+        moved = {name: delta for name, delta in deltas[uid].items() if delta}
+        if moved:
+            _move(session, uid, moved)
     metrics.kudos_moved(session, rows)
     return txn
 
@@ -84,7 +123,8 @@ def transfer(session, source_id: int, target_id: int, amount: float, ref: str | 
 
     def credit():
         session.execute(update(User).where(User.id == target_id)
-                        .values(kudos=User.kudos + amount))
+                        .values(kudos=User.kudos + amount,
+                                kudos_received=User.kudos_received + amount))
 
     # Lock the two rows in id order, as record() does. If the debit fails after the credit,
     # the caller's transaction rolls both back.
@@ -92,7 +132,8 @@ def transfer(session, source_id: int, target_id: int, amount: float, ref: str | 
         credit()
     debited = session.execute(
         update(User).where(User.id == source_id, User.kudos >= amount)
-        .values(kudos=User.kudos - amount).returning(User.id)
+        .values(kudos=User.kudos - amount, kudos_gifted=User.kudos_gifted + amount)
+        .returning(User.id)
     ).first()
     if debited is None:
         raise Overdrawn()

@@ -62,6 +62,22 @@ class User(Base):
     node_key_digest: Mapped[str | None] = mapped_column(String(48), unique=True, nullable=True)
     # Prompts refused by the CSAM guard (api/filters), counted for moderators.
     suspicion: Mapped[int] = mapped_column(Integer, default=0)
+    # The Ed25519 public key a volunteer's Ray node proves its owner with (cluster/bridge.py):
+    # derived from the API key (api/auth.py), so only who holds the key can sign with it.
+    node_public_key: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    # What /users and /find_user show, kept in step with the ledger and the finished
+    # generations in the same transactions (api/ledger.py), so no call sums history:
+    # kudos earned by its workers, given and received in transfers, awarded (admin awards
+    # and uptime bonuses) and of that by admins; generations finished for it, their
+    # megapixelsteps and tokens.
+    kudos_accumulated: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")
+    kudos_gifted: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")
+    kudos_received: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")
+    kudos_awarded: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")
+    kudos_admin: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")
+    usage_requests: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    usage_megapixelsteps: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")
+    usage_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class KudosEntry(Base):
@@ -119,6 +135,9 @@ class Worker(Base):
     info: Mapped[str | None] = mapped_column(String(1000), nullable=True)
     maintenance: Mapped[bool] = mapped_column(Boolean, default=False)
     maintenance_msg: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    # Maintenance the horde imposed (too many drops and faults): its owner cannot end it
+    # before this time (moderators can).
+    maintenance_until: Mapped[float | None] = mapped_column(Double, nullable=True)
     # Ray-joined volunteer nodes (kind "node"): the node, and whether it is in the cluster now
     # (the bridge sets it as nodes join and leave; other kinds are online by their last pop).
     node_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
@@ -219,6 +238,12 @@ class Generation(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     finish_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # Handed back by the cluster's own replicas (trusted: each counts), and the owners of the
+    # untrusted workers (HTTP volunteers, Ray-joined nodes) that faulted or dropped it,
+    # ",1,7," (each owner counts once, whatever its number of workers): it ends faulted when
+    # failures + owners reach max_attempts (api/db/queue.py).
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    faulted_owners: Mapped[str] = mapped_column(String(200), default="", server_default="")
 
     __table_args__ = (Index("ix_generations_state_deadline", "state", "deadline"),
                       Index("ix_generations_requester_state", "requester", "state"),
@@ -306,7 +331,7 @@ class QueueEntry(Base):
     model: Mapped[str] = mapped_column(String(200))
     sort_key: Mapped[float] = mapped_column(Double)
     # Filters a worker's capabilities are checked against without reading the request
-    # (api/db/queue.py, `_fits`).
+    # (api/db/queue.py, `_rules`).
     pixels: Mapped[int] = mapped_column(BigInteger)
     megapixelsteps: Mapped[float] = mapped_column(Double)
     steps: Mapped[int] = mapped_column(Integer, default=0)
@@ -322,6 +347,9 @@ class QueueEntry(Base):
     # those (comma-joined worker ids; UUIDs, so a substring match is an exact one).
     target_mode: Mapped[int] = mapped_column(Integer, default=0)
     target_workers: Mapped[str] = mapped_column(String(200), default="")
+    # Owners whose workers faulted or dropped its generation (as Generation.faulted_owners):
+    # none of their workers claims it again.
+    excluded_owners: Mapped[str] = mapped_column(String(200), default="", server_default="")
     # "image" or "text": a worker only gets its own kind. Text requests' sizes, checked
     # against a text worker's limits: tokens to generate and the whole context.
     kind: Mapped[str] = mapped_column(String(8), default="image")
