@@ -64,7 +64,8 @@ class User(Base):
     suspicion: Mapped[int] = mapped_column(Integer, default=0)
     # The Ed25519 public key a volunteer's Ray node proves its owner with (cluster/bridge.py):
     # derived from the API key (api/auth.py), so only who holds the key can sign with it.
-    node_public_key: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    node_public_key: Mapped[str | None] = mapped_column(String(64), unique=True, index=True,
+                                                        nullable=True)
     # What /users and /find_user show, kept in step with the ledger and the finished
     # generations in the same transactions (api/ledger.py), so no call sums history:
     # kudos earned by its workers, given and received in transfers, awarded (admin awards

@@ -10,18 +10,23 @@ not grow with the number of waiting generations.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import lru_cache
 from enum import IntFlag
 
 from sqlalchemy import (
     Double,
+    Integer,
+    Text,
     and_,
+    any_,
     bindparam,
     case,
     delete,
+    exists,
     func,
     literal,
     not_,
@@ -31,6 +36,7 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -85,6 +91,7 @@ class Capabilities:
     worker_id: str
     models: list[str]
     any_model: str | None = None
+    owner_id: int = -1  # the worker's owner (-1: none, the cluster's own)
     kind: str = "image"  # "text": text jobs only
     max_pixels: int = 3072 * 3072
     max_length: int = 0  # text workers: the most tokens it generates ...
@@ -189,49 +196,118 @@ def _execute_rows(session, statement, rows: list[dict]) -> None:
     session.execute(statement, rows if len(rows) > 1 else rows[0])
 
 
-def _rules(caps: Capabilities, features_at_once: bool = False) -> list[tuple[str, object]]:
+@dataclass(frozen=True)
+class _Shape:
+    """What decides the text of a claimer's statements; every other part of its capabilities
+    (its models, blacklist, priority users, ids and limits) is a bound value. Workers that
+    differ only in those share one statement, built once: its text no longer grows with the
+    models or words a worker offers, and neither does the number of bound parameters (each
+    list is one parameter: a PostgreSQL array, or a JSON array SQLite reads with json_each)."""
+
+    kind: str
+    nsfw: bool
+    trusted: bool
+    slow: bool
+    extra_slow: bool
+    upfront: bool
+    max_steps: bool
+    blacklist: bool
+    priority: bool
+    missing: int  # the Feature bits the claimer lacks
+    pg: bool
+
+
+def _shape(caps: Capabilities, pg: bool) -> _Shape:
+    return _Shape(kind=caps.kind, nsfw=caps.nsfw, trusted=caps.trusted, slow=caps.slow,
+                  extra_slow=caps.extra_slow, upfront=caps.require_upfront_kudos,
+                  max_steps=caps.max_steps is not None, blacklist=bool(caps.blacklist),
+                  priority=bool(caps.priority_user_ids),
+                  missing=int(sum(f for f in Feature if not caps.features & f)), pg=pg)
+
+
+def _offered_models(caps: Capabilities) -> list[str]:
+    """The queue entries' models a claimer reads: its models, and '*' (requests naming no
+    model) when it runs such requests."""
+    return [*caps.models, ANY_MODEL] if _any_model(caps) else list(caps.models)
+
+
+def _params(caps: Capabilities, limit: int, pg: bool) -> dict:
+    """The values a claimer's statements bind (see _Shape)."""
+    def listed(values):
+        return list(values) if pg else json.dumps(list(values))
+
+    return {
+        "models": listed(_offered_models(caps)), "words": listed(w.lower() for w in caps.blacklist),
+        "priority_users": listed(caps.priority_user_ids),
+        "worker_like": f"%{caps.worker_id}%", "owner_like": f"%,{caps.owner_id},%",
+        "max_pixels": caps.max_pixels, "max_steps": caps.max_steps or 0,
+        "max_length": caps.max_length, "max_context_length": caps.max_context_length,
+        "lim": limit,
+    }
+
+
+def _values(name: str, pg: bool, type_=Text):
+    """A bound list as a table of one column `value`: unnest() of an array on PostgreSQL,
+    json_each() of a JSON array on SQLite."""
+    if pg:
+        return (func.unnest(bindparam(name, type_=ARRAY(type_))).table_valued("value")
+                .render_derived(name=name))
+    return func.json_each(bindparam(name, type_=Text)).table_valued("value").alias(name)
+
+
+def _in_values(column, name: str, pg: bool, type_=Text):
+    """`column` is one of the bound list `name`."""
+    if pg:
+        return column == any_(bindparam(name, type_=ARRAY(type_)))
+    values = _values(name, pg, type_)
+    return column.in_(select(values.c.value))
+
+
+def _rules(shape: _Shape, features_at_once: bool = False) -> list[tuple[str, object]]:
     """(skip reason, SQL condition a queue entry must meet for this claimer), in the order the
-    AI Horde reports them. Written against Q (queue_entries) and R (requests).
-    `features_at_once`: the features the claimer lacks in one rule, not one rule each (the
-    same condition: a request may need none of them), for the claim, which needs no reasons:
-    its statement then stays short enough for psycopg to cache its conversion (4 kB), which
-    it otherwise parses again on every pop."""
-    listed = Q.c.target_workers.contains(caps.worker_id, autoescape=True)
-    models = [*caps.models, ANY_MODEL] if _any_model(caps) else list(caps.models)
+    AI Horde reports them. Written against Q (queue_entries) and R (requests), with the
+    claimer's values bound (_params). `features_at_once`: the features the claimer lacks in
+    one rule, not one rule each (the same condition: a request may need none of them), for
+    the claim, which needs no reasons: its statement then stays short enough for psycopg to
+    cache its conversion (4 kB), which it otherwise parses again on every pop."""
+    listed = Q.c.target_workers.like(bindparam("worker_like"))
     rules: list[tuple[str, object]] = [
-        ("models", and_(Q.c.model.in_(_each_bound(models)), Q.c.kind == caps.kind)),
-        ("worker_id", or_(Q.c.target_mode == 0, and_(Q.c.target_mode == 1, listed),
-                          and_(Q.c.target_mode == 2, not_(listed)))),
-        ("max_pixels", Q.c.pixels <= caps.max_pixels),
-        ("step_count", true() if caps.max_steps is None else Q.c.steps <= caps.max_steps),
-        ("nsfw", true() if caps.nsfw else Q.c.nsfw == False),  # noqa: E712
-        ("untrusted", true() if caps.trusted else Q.c.trusted_only == False),  # noqa: E712
-        ("performance", and_(true() if not caps.slow else Q.c.slow_ok == True,  # noqa: E712
-                             true() if not caps.extra_slow else Q.c.extra_slow_ok == True)),  # noqa: E712
-        ("kudos", true() if not caps.require_upfront_kudos else Q.c.upfront == True),  # noqa: E712
-        ("blacklist", and_(true(), *[not_(func.lower(R.c.prompt).contains(w.lower(), autoescape=True))
-                                     for w in caps.blacklist])),
+        ("models", and_(_in_values(Q.c.model, "models", shape.pg), Q.c.kind == shape.kind)),
+        ("worker_id", and_(or_(Q.c.target_mode == 0, and_(Q.c.target_mode == 1, listed),
+                               and_(Q.c.target_mode == 2, not_(listed))),
+                           # A generation goes back to no owner whose worker faulted or dropped it.
+                           not_(Q.c.excluded_owners.like(bindparam("owner_like"))))),
+        ("max_pixels", Q.c.pixels <= bindparam("max_pixels")),
+        ("step_count", Q.c.steps <= bindparam("max_steps") if shape.max_steps else true()),
+        ("nsfw", true() if shape.nsfw else Q.c.nsfw == False),  # noqa: E712
+        ("untrusted", true() if shape.trusted else Q.c.trusted_only == False),  # noqa: E712
+        ("performance", and_(true() if not shape.slow else Q.c.slow_ok == True,  # noqa: E712
+                             true() if not shape.extra_slow else Q.c.extra_slow_ok == True)),  # noqa: E712
+        ("kudos", true() if not shape.upfront else Q.c.upfront == True),  # noqa: E712
+        ("blacklist", not_(_blacklisted(shape)) if shape.blacklist else true()),
     ]
-    if caps.kind == "text":
-        rules += [("max_context_length", Q.c.max_context_length <= caps.max_context_length),
-                  ("max_length", Q.c.max_length <= caps.max_length)]
+    if shape.kind == "text":
+        rules += [("max_context_length", Q.c.max_context_length <= bindparam("max_context_length")),
+                  ("max_length", Q.c.max_length <= bindparam("max_length"))]
     # `features = 0 OR ...`: PostgreSQL cannot estimate a bitwise test, and taking it for a
     # rare match it would scan and sort the whole queue instead of reading the index in order;
     # `features = 0` (nearly every request) it estimates from its stats.
-    missing = [feature for feature in Feature if not caps.features & feature]
+    missing = [feature for feature in Feature if shape.missing & feature]
     if features_at_once and missing:
         return rules + [("features", or_(Q.c.features == 0,
-                                         Q.c.features.op("&")(int(sum(missing))) == 0))]
+                                         Q.c.features.op("&")(shape.missing) == 0))]
     return rules + [(FEATURE_SKIP_REASON[feature],
                      or_(Q.c.features == 0, Q.c.features.op("&")(int(feature)) == 0))
                     for feature in missing]
 
 
-def _each_bound(values) -> list:
-    """An IN list of one bound parameter per value, rendered once with its statement: a plain
-    list is an "expanding" parameter, which SQLAlchemy renders again on every execution (the
-    claim's statements are built once per claimer and run on every pop)."""
-    return [literal(v) for v in values]
+def _blacklisted(shape: _Shape):
+    """The request's prompt holds one of the claimer's words (bound as one list, lowercased):
+    one condition whatever the number of words, out of the statement's text."""
+    words = _values("words", shape.pg)
+    found = (func.strpos(func.lower(R.c.prompt), words.c.value) if shape.pg
+             else func.instr(func.lower(R.c.prompt), words.c.value))
+    return exists(select(literal(1)).select_from(words).where(found > 0))
 
 
 def _any_model(caps: Capabilities) -> str | None:
@@ -272,51 +348,63 @@ def _has_candidates(db: Database, caps: Capabilities) -> bool:
     if not caps.models:
         return False
     with db.read() as session:
-        return session.execute(_claim_statement(_caps_key(caps), 1, False)).first() is not None
+        pg = session.bind.dialect.name == "postgresql"
+        statement = _claim_statement(_shape(caps, pg), lock=False)
+        return session.execute(statement, _params(caps, 1, pg)).first() is not None
 
 
-def _caps_key(caps: Capabilities) -> tuple:
-    """`caps` as a hashable key: the statements below are built once per distinct claimer
-    (a worker pops with the same capabilities again and again), since building the SQL
-    expression trees costs more than running them."""
-    return tuple(tuple(v) if isinstance(v, list) else v
-                 for v in (getattr(caps, f.name) for f in fields(Capabilities)))
+@lru_cache(maxsize=256)
+def _claim_statement(shape: _Shape, lock: bool = True):
+    """The claim's candidate query for claimers of one shape: for each model offered (a row
+    of the bound list), the first `lim` entries of that model's queue that the claimer may
+    run, read in order from ix_queue_claim, and the first `lim` of its priority users' (read
+    from ix_queue_user). Its cost follows the number of models offered, once each. `lock`:
+    candidates are locked FOR UPDATE SKIP LOCKED on PostgreSQL (so concurrent claimers never
+    wait on each other or get the same row)."""
+    # Each branch reads one model's entries (or, for the priority users, checks the model):
+    # the models rule is not repeated in every branch, whose cost would grow as models^2.
+    conditions = [Q.c.kind == shape.kind, *(cond for name, cond in _rules(
+        shape, features_at_once=True) if name != "models")]
+    models = _values("models", shape.pg)
 
-
-@lru_cache(maxsize=1024)
-def _claim_statement(key: tuple, limit: int, pg: bool):
-    """The claim's candidate query for one claimer: a UNION ALL of one index-ordered branch
-    per model (and one for its priority users), each at most `limit` rows."""
-    caps = Capabilities(*key)
-    conditions = [cond for _, cond in _rules(caps, features_at_once=True)]
-    branches = []
-
-    def branch(tier: int, *where):
-        stmt = (select(literal(tier).label("tier"), Q.c.generation_id, Q.c.model, Q.c.sort_key,
-                       Q.c.id, Q.c.kind)
-                .join(G, G.c.id == Q.c.generation_id))
-        if caps.blacklist:  # the only rule that reads the request (its prompt)
+    def candidates(*where):
+        stmt = select(Q.c.id).join(G, G.c.id == Q.c.generation_id)
+        if shape.blacklist:  # the only rule that reads the request (its prompt)
             stmt = stmt.join(R, R.c.id == G.c.request_id)
         stmt = (stmt.where(UNCLAIMED, G.c.state == "waiting", *where, *conditions)
-                .order_by(Q.c.sort_key, Q.c.id).limit(limit))
-        if pg:
+                .order_by(Q.c.sort_key, Q.c.id).limit(bindparam("lim", type_=Integer)))
+        if shape.pg and lock:
             stmt = stmt.with_for_update(of=G, skip_locked=True)
-        branches.append(select(stmt.subquery()))
+        return stmt
 
-    if caps.priority_user_ids:  # reads ix_queue_user
-        branch(0, Q.c.user_id.in_(_each_bound(caps.priority_user_ids)))
-    for model in [*caps.models, ANY_MODEL] if _any_model(caps) else caps.models:  # each reads ix_queue_claim
-        branch(1, Q.c.model == model)
-    cand = branches[0].union_all(*branches[1:]).subquery()
+    if shape.pg:  # a LATERAL look-up per model
+        per_model = candidates(Q.c.model == models.c.value).add_columns(
+            Q.c.generation_id, Q.c.model, Q.c.sort_key, Q.c.kind).lateral("per_model")
+        branches = [select(literal(1).label("tier"), per_model.c.generation_id,
+                           per_model.c.model, per_model.c.sort_key, per_model.c.id,
+                           per_model.c.kind).select_from(models).join(per_model, true())]
+    else:  # SQLite has no LATERAL: a correlated IN, evaluated once per model
+        entry = Q.alias("entry")
+        ids = candidates(Q.c.model == models.c.value)
+        branches = [select(literal(1).label("tier"), entry.c.generation_id, entry.c.model,
+                           entry.c.sort_key, entry.c.id, entry.c.kind)
+                    .select_from(models).join(entry, entry.c.id.in_(ids))]
+    if shape.priority:
+        prio = candidates(_in_values(Q.c.user_id, "priority_users", shape.pg, Integer),
+                          _in_values(Q.c.model, "models", shape.pg))
+        prio = prio.add_columns(Q.c.generation_id, Q.c.model, Q.c.sort_key, Q.c.kind).subquery()
+        branches.insert(0, select(literal(0).label("tier"), prio.c.generation_id, prio.c.model,
+                                  prio.c.sort_key, prio.c.id, prio.c.kind))
+    cand = (branches[0].union_all(*branches[1:]) if len(branches) > 1 else branches[0]).subquery()
     return (select(cand.c.tier, cand.c.generation_id, cand.c.model, cand.c.sort_key, cand.c.id,
                    *_GENERATION_COLUMNS, cand.c.kind, *_SOURCE_COLUMNS)
             .join(G, G.c.id == cand.c.generation_id).join(R, R.c.id == G.c.request_id))
 
 
-@lru_cache(maxsize=1024)
-def _skipped_statement(key: tuple):
-    """skipped_in's statement for one claimer (see _claim_statement)."""
-    rules = _rules(Capabilities(*key))
+@lru_cache(maxsize=256)
+def _skipped_statement(shape: _Shape):
+    """skipped_in's statement for claimers of one shape (see _claim_statement)."""
+    rules = _rules(shape)
     reason = case(*[(not_(cond), name) for name, cond in rules], else_=None).label("reason")
     sample = (select(reason).select_from(Q.join(G, G.c.id == Q.c.generation_id)
                                           .join(R, R.c.id == G.c.request_id))
@@ -339,7 +427,7 @@ def claim_in(session, caps: Capabilities, limit: int, now: float,
         return []
     any_model = _any_model(caps)
     pg = session.bind.dialect.name == "postgresql"
-    rows = session.execute(_claim_statement(_caps_key(caps), limit, pg)).all()
+    rows = session.execute(_claim_statement(_shape(caps, pg)), _params(caps, limit, pg)).all()
     chosen: dict[str, ClaimedJob] = {}
     for row in sorted(rows, key=lambda r: (r[0], r[3], r[4])):
         (_tier, gen_id, model, _key, _qid, seed, position, attempts, kudos, request_id,
@@ -402,7 +490,8 @@ def skipped_in(session, caps: Capabilities) -> dict[str, int]:
     """Why `caps` got nothing: for each of the first SKIPPED_SAMPLE waiting generations (in
     queue order, whatever their model), the first rule it failed, counted by reason. One
     statement; it reads ix_queue_sort."""
-    rows = session.execute(_skipped_statement(_caps_key(caps))).all()
+    pg = session.bind.dialect.name == "postgresql"
+    rows = session.execute(_skipped_statement(_shape(caps, pg)), _params(caps, 0, pg)).all()
     return {name: count for name, count in rows if name is not None}
 
 

@@ -35,7 +35,8 @@ def upgrade() -> None:
         b.add_column(sa.Column("node_public_key", sa.String(64), nullable=True))
         for name, type_ in USER_COUNTERS:
             b.add_column(sa.Column(name, type_, nullable=False, server_default="0"))
-        b.create_unique_constraint("uq_users_node_public_key", ["node_public_key"])
+    # A unique index, not a constraint: SQLite would rebuild the table for a constraint.
+    op.create_index("ix_users_node_public_key", "users", ["node_public_key"], unique=True)
     # The counters start from what the ledger and the finished generations say now.
     def ledger_sum(expr: str, where: str) -> str:
         return ("COALESCE((SELECT SUM(" + expr + ") FROM kudos_ledger k "
@@ -59,15 +60,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("users") as b:
-        b.drop_constraint("uq_users_node_public_key", type_="unique")
-        for name, _ in USER_COUNTERS:
-            b.drop_column(name)
-        b.drop_column("node_public_key")
-    with op.batch_alter_table("workers") as b:
-        b.drop_column("maintenance_until")
-    with op.batch_alter_table("queue_entries") as b:
-        b.drop_column("excluded_owners")
-    with op.batch_alter_table("generations") as b:
-        b.drop_column("faulted_owners")
-        b.drop_column("failures")
+    # Plain DROP COLUMN (SQLite >= 3.35): a batch rebuild of `users` would fail on the foreign
+    # keys that point at it.
+    op.drop_index("ix_users_node_public_key", table_name="users")
+    for name, _ in USER_COUNTERS:
+        op.drop_column("users", name)
+    op.drop_column("users", "node_public_key")
+    op.drop_column("workers", "maintenance_until")
+    op.drop_column("queue_entries", "excluded_owners")
+    op.drop_column("generations", "faulted_owners")
+    op.drop_column("generations", "failures")
