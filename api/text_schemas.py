@@ -17,7 +17,7 @@ from api.schemas import (
     SubmittedMetadata,
     WorkerId,
 )
-from api.worker_schemas import PopMessage, PriorityUsername, ShortText
+from api.worker_schemas import MAX_BLACKLIST, MAX_POP_MODELS, PopMessage, PriorityUsername, ShortText
 
 
 class _In(BaseModel):
@@ -130,7 +130,7 @@ class TextStatus(RequestStatusCheck):
 
 class TextPopInput(_In):
     name: str = Field(min_length=1, max_length=100)
-    models: list[ModelName] = Field(min_length=1, max_length=1000)
+    models: list[ModelName] = Field(min_length=1, max_length=MAX_POP_MODELS)
     max_length: int = Field(512, ge=1, le=1_000_000)
     max_context_length: int = Field(2048, ge=1, le=100_000_000)
     amount: int = Field(1, ge=1, le=20)
@@ -140,7 +140,7 @@ class TextPopInput(_In):
     extra_slow_worker: bool = False
     priority_usernames: list[PriorityUsername] = Field(default_factory=list, max_length=50)
     require_upfront_kudos: bool = False
-    blacklist: list[ShortText] = Field(default_factory=list, max_length=200)
+    blacklist: list[ShortText] = Field(default_factory=list, max_length=MAX_BLACKLIST)
     softprompts: list[ShortText] | None = Field(None, max_length=100)
 
 

@@ -13,6 +13,11 @@ from api.user_schemas import MAX_USER_ID
 
 # A word of a worker's blacklist, a soft prompt's name.
 ShortText = Annotated[str, Field(max_length=200)]
+# Models and blacklist words one pop may offer: more than any real worker has (a volunteer
+# offering every model on its disk offers a few hundred), fewer than would make a pop costly
+# (its cost is linear in both: api/db/queue.py). Beyond them, a 400 naming the field.
+MAX_POP_MODELS = 1000
+MAX_BLACKLIST = 1000
 
 
 def _alias(name: str) -> str:
@@ -33,7 +38,7 @@ class _In(BaseModel):
 
 class ImagePopInput(_In):
     name: str = Field(min_length=1, max_length=100)
-    models: list[ModelName] = Field(min_length=1, max_length=1000)
+    models: list[ModelName] = Field(min_length=1, max_length=MAX_POP_MODELS)
     # Any value from 3072^2 (the largest request) up means "every size"; the bound keeps the
     # number a number the database holds.
     max_pixels: int = Field(512 * 512, ge=64 * 64, le=2**31 - 1)
@@ -44,7 +49,7 @@ class ImagePopInput(_In):
     priority_usernames: list[PriorityUsername] = Field(default_factory=list, max_length=50)
     require_upfront_kudos: bool = False
     threads: int = Field(1, ge=1, le=50)
-    blacklist: list[ShortText] = Field(default_factory=list, max_length=200)
+    blacklist: list[ShortText] = Field(default_factory=list, max_length=MAX_BLACKLIST)
     allow_img2img: bool = True
     allow_painting: bool = False
     allow_unsafe_ipaddr: bool = True

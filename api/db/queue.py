@@ -246,13 +246,17 @@ def _params(caps: Capabilities, limit: int, pg: bool) -> dict:
     }
 
 
+@lru_cache(maxsize=None)
 def _values(name: str, pg: bool, type_=Text):
-    """A bound list as a table of one column `value`: unnest() of an array on PostgreSQL,
-    json_each() of a JSON array on SQLite."""
+    """A bound list as a table of one column `value`: unnest() of an array on PostgreSQL;
+    on SQLite json_each() of a JSON array, read once per statement into a materialized CTE
+    (json_each in a condition would parse the JSON again for every row it is tested on).
+    One object per list: each statement names it once."""
     if pg:
         return (func.unnest(bindparam(name, type_=ARRAY(type_))).table_valued("value")
                 .render_derived(name=name))
-    return func.json_each(bindparam(name, type_=Text)).table_valued("value").alias(name)
+    each = func.json_each(bindparam(name, type_=Text)).table_valued("value")
+    return select(each.c.value).cte(name).prefix_with("MATERIALIZED")
 
 
 def _in_values(column, name: str, pg: bool, type_=Text):
@@ -405,11 +409,18 @@ def _claim_statement(shape: _Shape, lock: bool = True):
 def _skipped_statement(shape: _Shape):
     """skipped_in's statement for claimers of one shape (see _claim_statement)."""
     rules = _rules(shape)
-    reason = case(*[(not_(cond), name) for name, cond in rules], else_=None).label("reason")
-    sample = (select(reason).select_from(Q.join(G, G.c.id == Q.c.generation_id)
+    # (an entry whose generation is not waiting, if any, has no reason: it is not counted)
+    reason = case((G.c.state != "waiting", None),
+                  *[(not_(cond), name) for name, cond in rules], else_=None).label("reason")
+    # The head of the queue read from ix_queue_sort alone (a derived table the other tables
+    # are joined to), then its rows tested: ordering the joined rows instead, or given a
+    # condition on the generations' state, SQLite read every waiting generation to sort them.
+    head = (select(Q.c.id.label("head_id")).where(UNCLAIMED).order_by(Q.c.sort_key, Q.c.id)
+            .limit(SKIPPED_SAMPLE).subquery("head"))
+    sample = (select(reason).select_from(head.join(Q, Q.c.id == head.c.head_id)
+                                          .join(G, G.c.id == Q.c.generation_id)
                                           .join(R, R.c.id == G.c.request_id))
-              .where(UNCLAIMED, G.c.state == "waiting").order_by(Q.c.sort_key, Q.c.id)
-              .limit(SKIPPED_SAMPLE).subquery())
+              .subquery())
     return select(sample.c.reason, func.count()).group_by(sample.c.reason)
 
 
