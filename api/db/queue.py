@@ -246,8 +246,12 @@ def _params(caps: Capabilities, limit: int, pg: bool) -> dict:
     }
 
 
-@lru_cache(maxsize=None)
 def _values(name: str, pg: bool, type_=Text):
+    return _list_table(name, pg, type_)
+
+
+@lru_cache(maxsize=None)
+def _list_table(name: str, pg: bool, type_):
     """A bound list as a table of one column `value`: unnest() of an array on PostgreSQL;
     on SQLite json_each() of a JSON array, read once per statement into a materialized CTE
     (json_each in a condition would parse the JSON again for every row it is tested on).
