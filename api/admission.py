@@ -3,7 +3,7 @@ requester's concurrency cap, the workers it names, its place in the queue."""
 
 from __future__ import annotations
 
-from sqlalchemy import Integer, bindparam, func, literal_column, select
+from sqlalchemy import Integer, bindparam, func, literal_column, select, text
 
 from api.auth import ANONYMOUS_USER_ID
 from api.db.models import Generation, User, Worker
@@ -25,6 +25,8 @@ def _unfinished_statement():
 
 
 UNFINISHED = _unfinished_statement()
+# A transaction-scoped lock per requester (its own namespace of advisory locks, 0x7277 "rw").
+CAPACITY_LOCK = text("SELECT pg_advisory_xact_lock(29303, hashtext(:requester))")
 
 
 def check_capacity(ctx, session, user: User, requester: str, n: int) -> float:
@@ -34,6 +36,11 @@ def check_capacity(ctx, session, user: User, requester: str, n: int) -> float:
     generations (when there are more, the request is refused and the sum is not needed)."""
     s = ctx.settings
     cap = s.max_waiting_education if user.education else s.max_waiting_per_user
+    if session.bind.dialect.name == "postgresql":
+        # One requester's submits count one after the other: two at once would both count
+        # what was queued before either and pass the cap together. (SQLite's write
+        # transactions already run one at a time.) Held to the end of the transaction.
+        session.execute(CAPACITY_LOCK, {"requester": requester})
     active, owed = session.execute(UNFINISHED, {"requester": requester, "cap": cap + 1}).one()
     if active + n > cap:
         raise HordeError(429, "TooManyPrompts",

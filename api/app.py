@@ -81,7 +81,8 @@ async def sweep_expired(ctx: Context) -> None:
         await asyncio.sleep(s.expire_every_seconds)
         try:
             await run_in_threadpool(queue.expire, ctx.db, s.max_attempts,
-                                    max_consecutive_drops=s.max_consecutive_drops)
+                                    max_consecutive_drops=s.max_consecutive_drops,
+                                    maintenance_seconds=s.drop_maintenance_seconds)
             await run_in_threadpool(alchemy_forms.expire, ctx.db, s.max_attempts)
             await run_in_threadpool(sweep_stale_uploads, ctx)
             # Requests no worker has taken a job of in 20 minutes (api/known_models.py).

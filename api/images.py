@@ -242,7 +242,12 @@ def submit(ctx: Context, user: User, body: ImageGenerateRequest, client_agent: s
     req = Request(**row)
     filters = queue.EntryFilters(
         user_id=user.id, steps=p.steps, pixels=p.width * p.height,
-        megapixelsteps=p.width * p.height * p.steps / 1e6, nsfw=nsfw, trusted_only=body.trusted_workers,
+        megapixelsteps=p.width * p.height * p.steps / 1e6, nsfw=nsfw,
+        # A requester who asked for censoring (education accounts always do) gets it only
+        # from workers the horde trusts to censor: its own replicas (which run the horde's
+        # safety check themselves) and trusted users' workers; an untrusted volunteer could
+        # simply not censor.
+        trusted_only=body.trusted_workers or censor_nsfw,
         slow_ok=body.slow_workers, extra_slow_ok=body.extra_slow_workers, upfront=holds_upfront,
         target_mode=admission.target_mode(body.workers, body.worker_blacklist),
         target_workers=tuple(body.workers), features=image_workflows.features(body, family),
@@ -367,10 +372,21 @@ def check(ctx: Context, session, request_id: str,
     )
 
 
-def _image_field(ctx: Context, req: RequestSummary, key: str) -> str:
-    if req.r2:
-        return ctx.storage.url(key)
-    return base64.b64encode(ctx.storage.get(key)).decode()
+class _Inline:
+    """Images a status answer inlines (`r2: false`), within max_inline_status_bytes: past
+    them, the rest come as URLs (which any AI Horde client takes in `img` too)."""
+
+    def __init__(self, ctx: Context, req: RequestSummary):
+        self.ctx, self.r2 = ctx, req.r2
+        self.left = ctx.settings.max_inline_status_bytes
+
+    def field(self, key: str) -> str:
+        if not self.r2:
+            size = self.ctx.storage.size(key)
+            if size is not None and size <= self.left:
+                self.left -= size
+                return base64.b64encode(self.ctx.storage.get(key)).decode()
+        return self.ctx.storage.url(key)
 
 
 def status(ctx: Context, session, request_id: str) -> RequestStatusStable:
@@ -381,11 +397,12 @@ def status(ctx: Context, session, request_id: str) -> RequestStatusStable:
         .order_by(Generation.position)
     ).scalars().all()
     out = []
+    inline = _Inline(ctx, req)
     for g in gens:
         if g.state == "done":
             out.append(ImageGeneration(
                 worker_id=g.worker_id or "", worker_name=g.worker_name or "", model=g.model or "",
-                state="censored" if g.censored else "ok", img=_image_field(ctx, req, g.storage_key),
+                state="censored" if g.censored else "ok", img=inline.field(g.storage_key),
                 seed=str(g.seed), id=g.id, censored=g.censored, gen_metadata=g.gen_metadata or [],
             ))
     return RequestStatusStable(**chk.model_dump(), generations=out, shared=req.shared)

@@ -63,9 +63,27 @@ def head_start_seconds(kudos: float, anonymous: bool, seconds_per_decade: float,
     return max(magnitude if kudos >= 0 else -magnitude, -anonymous_penalty)
 
 
+# Text requests at least this large need their kudos upfront, as on the AI Horde (its
+# `require_upfront_kudos`: over 512 tokens, or `slow_workers: false`), and beyond it over a
+# context of 8,192 tokens: the anonymous user (whose balance anyone may spend) cannot queue
+# costly text, and a worker cannot be paid large sums out of it.
+TEXT_UPFRONT_TOKENS = 512
+TEXT_UPFRONT_CONTEXT = 8192
+# The context's weight in a text price stops growing here (the AI Horde caps its context
+# multiplier at 30 too, "to prevent shenanigans").
+TEXT_CONTEXT_FACTOR_CAP = 30.0
+
+
+def needs_upfront_text_kudos(max_length: int, max_context_length: int, slow_workers: bool) -> bool:
+    return (max_length > TEXT_UPFRONT_TOKENS or max_context_length > TEXT_UPFRONT_CONTEXT
+            or not slow_workers)
+
+
 def text_cost(*, max_length: int, max_context_length: int, n: int) -> float:
-    """Kudos for a text request of `n` generations. shared/horde-facts.md gives no text formula,
+    """Kudos for a text request of `n` generations, at most: a generation is paid for the
+    tokens delivered (api/db/queue.py earned). shared/horde-facts.md gives no text formula,
     so this one is ours: a kudos per 100 tokens asked for, scaled up by the context the model
-    attends over (twice as much at 4096 tokens of context), plus the request tax."""
-    per_generation = max_length / 100 * (1 + max_context_length / 4096)
-    return round(per_generation * n + REQUEST_TAX, 2)
+    attends over (twice as much at 4096 tokens of context, at most x30), plus the request
+    tax."""
+    factor = min(1 + max_context_length / 4096, TEXT_CONTEXT_FACTOR_CAP)
+    return round(max_length / 100 * factor * n + REQUEST_TAX, 2)

@@ -74,18 +74,19 @@ def record(session, rows: list[tuple[int, float, str]], ref: str | None = None,
     """Write one movement: `rows` of (user id, amount, kind) that sum to zero, and `usage`
     (generations finished for users) into their counters. Returns its transaction id. Two
     statements plus one update per distinct user (balance and counters together)."""
-    if not rows:
+    if not rows and not usage:
         raise ValueError("a kudos movement needs rows")
     total = sum(amount for _, amount, _ in rows)
     if abs(total) > 1e-6:
         raise ValueError(f"kudos movement does not balance: {rows} sums to {total}")
     now = time.time() if now is None else now
     txn = str(uuid.uuid4())
-    session.execute(insert(KudosEntry), [
-        {"txn_id": txn, "user_id": uid, "amount": amount, "kind": kind, "ref": ref,
-         "created_at": now}
-        for uid, amount, kind in rows
-    ])
+    if rows:
+        session.execute(insert(KudosEntry), [
+            {"txn_id": txn, "user_id": uid, "amount": amount, "kind": kind, "ref": ref,
+             "created_at": now}
+            for uid, amount, kind in rows
+        ])
     deltas: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for uid, amount, kind in rows:
         deltas[uid]["kudos"] += amount

@@ -86,7 +86,10 @@ class Settings(BaseSettings):
     stale_worker_seconds: float = 300.0  # offline after this long without a pop
     slow_worker_mps: float = 0.3  # megapixelsteps per second below which a worker is slow
     slow_worker_tps: float = 2.0  # tokens per second, for text workers
-    max_consecutive_drops: int = 5  # expired jobs in a row before maintenance
+    # Jobs dropped (expired) or faulted in a row before the horde puts a worker into
+    # maintenance, and for how long its owner then cannot end it (moderators can).
+    max_consecutive_drops: int = 5
+    drop_maintenance_seconds: float = Field(3600.0, ge=0)
     uptime_bonus_kudos: float = 50.0  # earned by a worker's owner ...
     uptime_bonus_seconds: float = 600.0  # ... per this much time online
     expire_every_seconds: float = 5.0  # how often expired claims are swept back
@@ -115,6 +118,9 @@ class Settings(BaseSettings):
     # Bytes of one uploaded result: local uploads past it are refused as they arrive, S3
     # uploads (a presigned PUT cannot be capped) at submit. max_body_bytes bounds both too.
     max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    # Bytes of images one status answer carries inline (requests with `r2: false`): past
+    # them, its other images come as URLs, so one answer never grows without bound.
+    max_inline_status_bytes: int = Field(16 * 1024 * 1024, ge=0)
 
     # Models beyond the cluster's own (api/known_models.py). A request for a model of the AI
     # Horde's model reference that nobody serves waits for an HTTP volunteer; when no worker has

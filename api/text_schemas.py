@@ -33,6 +33,13 @@ StopSequence = Annotated[str, Field(min_length=1, max_length=128)]
 TextSeed = Annotated[str, Field(max_length=256)] | Annotated[int, Field(ge=-(2**63), lt=2**63)]
 # A prompt, in characters (the body limit, 16 MiB by default, also bounds it).
 MAX_PROMPT_CHARS = 1_000_000
+# The AI Horde's limits on a text request (horde/apis/models/kobold_v2.py): tokens to
+# generate and of context. A served model's catalog entry may lower them (texts.check_limits).
+MAX_TEXT_LENGTH = 4096
+MAX_TEXT_CONTEXT = 1_048_576
+# What a text worker may declare it takes: past any request's size (a worker may take more
+# than is ever asked), bounded so the number stays a number.
+MAX_WORKER_LENGTH = 65_536
 
 
 def few_extras(model: BaseModel, limit: int = 50) -> None:
@@ -60,8 +67,8 @@ class TextParams(_In):
     model_config = ConfigDict(extra="allow")  # unknown ones are reported in `warnings`
 
     n: int = Field(1, ge=1, le=20)
-    max_length: int = Field(80, ge=16, le=16384)
-    max_context_length: int = Field(1024, ge=80, le=1048576)
+    max_length: int = Field(80, ge=16, le=MAX_TEXT_LENGTH)
+    max_context_length: int = Field(1024, ge=80, le=MAX_TEXT_CONTEXT)
     temperature: float | None = Field(None, ge=0, le=5)
     top_p: float | None = Field(None, ge=0.001, le=1)
     top_k: int | None = Field(None, ge=0, le=100)
@@ -131,8 +138,8 @@ class TextStatus(RequestStatusCheck):
 class TextPopInput(_In):
     name: str = Field(min_length=1, max_length=100)
     models: list[ModelName] = Field(min_length=1, max_length=MAX_POP_MODELS)
-    max_length: int = Field(512, ge=1, le=1_000_000)
-    max_context_length: int = Field(2048, ge=1, le=100_000_000)
+    max_length: int = Field(512, ge=1, le=MAX_WORKER_LENGTH)
+    max_context_length: int = Field(2048, ge=1, le=MAX_TEXT_CONTEXT)
     amount: int = Field(1, ge=1, le=20)
     bridge_agent: str = Field("unknown:0:unknown", max_length=1000)
     nsfw: bool = False
@@ -182,8 +189,8 @@ class _OpenAIIn(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: ModelName
-    max_tokens: int | None = Field(None, ge=1, le=16384)
-    max_completion_tokens: int | None = Field(None, ge=1, le=16384)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TEXT_LENGTH)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TEXT_LENGTH)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=20)

@@ -14,7 +14,14 @@ from api.db import queue
 from api.db.models import Generation, Request, User
 from api.errors import HordeError
 from api.images import SEED_SPACE, Context, check, seed_to_int
-from api.kudos import REQUEST_TAX, text_cost
+from api.auth import ANONYMOUS_USER_ID
+from api.kudos import (
+    REQUEST_TAX,
+    TEXT_UPFRONT_CONTEXT,
+    TEXT_UPFRONT_TOKENS,
+    needs_upfront_text_kudos,
+    text_cost,
+)
 from api.text_schemas import UNIMPLEMENTED_TEXT_PARAMS, TextGenerateRequest, TextGeneration, TextStatus
 from models.catalog import ModelEntry
 
@@ -117,9 +124,10 @@ def submit(ctx: Context, session, user: User, *, prompt: str, params: dict, mode
     entries = text_models(ctx, models) if chat else horde_text_models(ctx, models, session)
     n, max_length, context = params["n"], params["max_length"], params["max_context_length"]
     check_limits(entries, max_length, context)
-    admission.check_capacity(ctx, session, user, requester, n)
-    admission.check_workers(session, list(workers))
     kudos = text_cost(max_length=max_length, max_context_length=context, n=n)
+    holds_upfront = _check_upfront(session, ctx, user, requester, kudos, n, max_length, context,
+                                   slow_workers)
+    admission.check_workers(session, list(workers))
     now = time.time()
     req = Request(
         id=str(uuid.uuid4()), kind="text", user_id=user.id, prompt=prompt, negative_prompt="",
@@ -134,7 +142,7 @@ def submit(ctx: Context, session, user: User, *, prompt: str, params: dict, mode
     filters = queue.EntryFilters(
         user_id=user.id, kind="text", max_length=max_length, max_context_length=context,
         trusted_only=trusted_workers, slow_ok=slow_workers, extra_slow_ok=extra_slow_workers,
-        upfront=user.id != 0 and user.kudos >= kudos,
+        upfront=holds_upfront,
         features=int(queue.Feature.CHAT) if chat else 0,
         target_mode=admission.target_mode(list(workers), worker_blacklist),
         target_workers=tuple(workers),
@@ -143,6 +151,31 @@ def submit(ctx: Context, session, user: User, *, prompt: str, params: dict, mode
                   sort_key=now - admission.head_start(ctx, user), filters=filters,
                   reward=(kudos - REQUEST_TAX) / n, tax=REQUEST_TAX / n)
     return req
+
+
+def _check_upfront(session, ctx: Context, user: User, requester: str, kudos: float, n: int,
+                   max_length: int, context: int, slow_workers: bool) -> bool:
+    """The waiting cap, and the upfront kudos a large text request needs (api/kudos.py
+    needs_upfront_text_kudos): refused (403 KudosUpfront) for the anonymous user and for a
+    user whose balance, less what its unfinished generations owe, does not cover it; the
+    balance is locked first (as for images), so two requests cannot count the same kudos.
+    Returns whether the request holds its kudos (workers that require upfront kudos take
+    only those)."""
+    anonymous = user.id == ANONYMOUS_USER_ID
+    upfront = needs_upfront_text_kudos(max_length, context, slow_workers)
+    refused = (f"params.max_length: a text request over {TEXT_UPFRONT_TOKENS} tokens, "
+               f"{TEXT_UPFRONT_CONTEXT} tokens of context or with slow_workers false needs its "
+               f"{kudos} kudos upfront")
+    if upfront and anonymous:
+        raise HordeError(403, "KudosUpfront", refused + ": register for an API key")
+    balance = admission.lock_balance(session, user) if upfront else user.kudos
+    owed = admission.check_capacity(ctx, session, user, requester, n)
+    holds = not anonymous and balance - owed >= kudos
+    if upfront and not holds:
+        raise HordeError(403, "KudosUpfront",
+                         refused + f"; you hold {round(balance, 2)}, of which {round(owed, 2)} "
+                         "pay for your generations still queued")
+    return holds
 
 
 def submit_horde(ctx: Context, session, user: User, body: TextGenerateRequest, requester: str,

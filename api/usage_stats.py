@@ -9,8 +9,8 @@ left to a later fold (they are read live meanwhile), so one whose finishing tran
 commits a little after it stamped `finished_at` is never skipped.
 
 Day and month windows are counted to the hour (the current hour and the 24, or 720, before).
-Text "tokens" are the tokens generated where the worker reported them, else those asked for
-(which is what the AI Horde counts).
+Text "tokens" are the tokens generated (as the cluster's engine counted them, or from an HTTP
+worker's text as it is paid for them), else those asked for (which is what the AI Horde counts).
 """
 
 from __future__ import annotations

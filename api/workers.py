@@ -21,14 +21,18 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from sqlalchemy import Double, Row, and_, bindparam, case, func, not_, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from api import known_models, ledger, metrics
 from api.db import queue
-from api.db.models import Generation, User, Worker
+from api.db.models import Generation, Request, User, Worker
 from api.errors import HordeError
+from api.results import check_image_result, check_result_size, result_cap
 from api.images import Context
 from api.text_schemas import TextPopInput, TextPopResponse, TextSubmitInput
+from models.postprocess.registry import output_size
 from api.worker_schemas import (
     ImagePopInput,
     ImagePopResponse,
@@ -43,10 +47,13 @@ CENSORED_PLACEHOLDER_KEY = "placeholders/censored.webp"
 RESERVED_NAME_PREFIX = "rayhorde-cluster/"
 
 
-def image_key(request_id: str, generation_id: str) -> str:
-    """Where a finished generation's image is kept: written by the API only, never by a
-    worker (workers upload to `upload_key`)."""
-    return f"images/{request_id}/{generation_id}.webp"
+def image_key(request_id: str, generation_id: str, claim_id: str) -> str:
+    """Where a finished generation's image is kept: written by the API (or the dispatcher)
+    only, never by a worker (workers upload to `upload_key`), under a key of its claim's own,
+    so a result that loses the compare-and-set (a late or second submit) never overwrites
+    the image another claim committed; it is only published (the generation's storage_key)
+    by the claim that wins."""
+    return f"images/{request_id}/{generation_id}-{claim_id}.webp"
 
 
 def upload_key(job_id: str, claim_id: str) -> str:
@@ -79,35 +86,79 @@ def worker_for_pop(ctx: Context, session, user: User, name: str, worker_type: st
                     worker_type=worker_type)
     if worker is not None:
         return worker
-    s = ctx.settings
     worker = session.execute(select(Worker).where(Worker.name == name)).scalar_one_or_none()
     if worker is None:
-        _check_worker_count(ctx, session, user)
-        worker = Worker(id=str(uuid.uuid4()), name=name, owner_id=user.id, kind=kind,
-                        type=worker_type, models=[], last_seen=now, created_at=now,
-                        last_bonus_at=now)
-        session.add(worker)
-        session.flush()
-    elif worker.owner_id != user.id:
+        worker = _new_worker(ctx, session, name, user, worker_type, kind, now)
+    if worker.owner_id != user.id:
         raise HordeError(403, "WrongCredentials", f"name: worker {name!r} belongs to another user")
-    elif worker.type != worker_type:
+    if worker.type != worker_type:
         raise HordeError(400, "WrongWorkerType",
                          f"name: worker {name!r} is an {worker.type} worker; pick another name")
     if worker.maintenance:
         raise HordeError(403, "MaintenanceMode",
                          f"worker {name!r} is in maintenance"
                          + (f" ({worker.maintenance_msg})" if worker.maintenance_msg else "")
-                         + ": its owner can end it with PUT /api/v2/workers/{id}")
-    online = now - worker.last_seen < s.stale_worker_seconds
-    period_over = online and now - worker.last_bonus_at >= s.uptime_bonus_seconds
-    # Only work earns the bonus: a period in which the worker finished a job for someone else
-    # (api/db/queue.py finish_in keeps last_job_at), so popping alone, under any number of
-    # names, mints nothing.
-    worked = worker.last_job_at is not None and worker.last_job_at >= worker.last_bonus_at
+                         + ": " + maintenance_end(worker, now))
+    bonus = _bonus_due(ctx, session, worker.id, now)
     _touch(ctx, session, declared, now, worker_id=worker.id)
-    if period_over and worked and s.uptime_bonus_kudos:
-        ledger.award(session, user.id, s.uptime_bonus_kudos, kind="uptime", ref=worker.id)
+    if bonus:
+        ledger.award(session, user.id, ctx.settings.uptime_bonus_kudos, kind="uptime",
+                     ref=worker.id)
     return worker
+
+
+def maintenance_end(worker: Worker, now: float) -> str:
+    """Who can end a worker's maintenance, and from when."""
+    if worker.maintenance_until is not None and worker.maintenance_until > now:
+        at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(worker.maintenance_until))
+        return f"this horde imposed it; its owner can end it from {at} on, a moderator now"
+    return "its owner can end it with PUT /api/v2/workers/{id}"
+
+
+def _new_worker(ctx: Context, session, name: str, user: User, worker_type: str, kind: str,
+                now: float) -> Worker:
+    """The worker `name` on its first pop: created within the owner's cap, unless a concurrent
+    first pop of the same name did it first. On PostgreSQL the owner's row is locked first, so
+    first pops under new names at once cannot pass the cap together, and a pop that waited
+    for another first pop of its name finds that one's worker (read again after the lock)
+    instead of counting it against the cap. The insert does nothing on a name taken
+    meanwhile (by another owner too: the caller then refuses it), so no race on the name's
+    unique index ends in an error."""
+    if session.bind.dialect.name == "postgresql":
+        session.execute(select(User.id).where(User.id == user.id).with_for_update())
+        existing = session.execute(select(Worker).where(Worker.name == name)).scalar_one_or_none()
+        if existing is not None:
+            return existing
+    _check_worker_count(ctx, session, user)
+    ins = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
+    session.execute(ins(Worker.__table__).values(
+        id=str(uuid.uuid4()), name=name, owner_id=user.id, kind=kind, type=worker_type,
+        models=[], last_seen=now, created_at=now, last_bonus_at=now, max_pixels=512 * 512,
+        max_length=0, max_context_length=0, tokens_generated=0, nsfw=False, threads=1,
+        bridge_agent="", capabilities={}, maintenance=False, connected=False, jobs_done=0,
+        megapixelsteps_done=0.0, kudos_earned=0.0, seconds_working=0.0, dropped_jobs=0,
+        consecutive_drops=0, uptime_seconds=0.0,
+    ).on_conflict_do_nothing(index_elements=["name"]))
+    return session.execute(select(Worker).where(Worker.name == name)).scalar_one()
+
+
+def _bonus_due(ctx: Context, session, worker_id: str, now: float) -> bool:
+    """Whether this pop earns the worker's uptime bonus: a conditional update that starts the
+    next bonus period, which only one transaction can win (on PostgreSQL the others, waiting
+    on the row, find its condition false once the winner commits), however many pops arrive
+    at once. Due when the worker was online, a period has passed, and it finished a job for
+    someone else in it (api/db/queue.py finish_in keeps last_job_at): popping alone, under any
+    number of names, mints nothing."""
+    s = ctx.settings
+    if not s.uptime_bonus_kudos:
+        return False
+    W = _W
+    return session.execute(
+        update(Worker.__table__)
+        .where(W.id == worker_id, W.last_seen > now - s.stale_worker_seconds,
+               W.last_bonus_at <= now - s.uptime_bonus_seconds, W.last_job_at.is_not(None),
+               W.last_job_at >= W.last_bonus_at)
+        .values(last_bonus_at=now).returning(W.id)).first() is not None
 
 
 # What a pop reads of its worker (its id; is_slow's counters): the usual pop's update returns
@@ -171,12 +222,9 @@ def _touch_statement(declared: tuple[str, ...], stale_seconds: float, bonus_seco
 
 
 def _check_worker_count(ctx: Context, session, user: User) -> None:
-    """Refuse a new worker past the owner's cap (403 TooManyWorkers). The owner's row is locked
-    first on PostgreSQL, so first pops under new names at once cannot pass the cap together."""
+    """Refuse a new worker past the owner's cap (403 TooManyWorkers)."""
     s = ctx.settings
     cap = s.max_workers_trusted if user.trusted or user.moderator else s.max_workers_per_user
-    if session.bind.dialect.name == "postgresql":
-        session.execute(select(User.id).where(User.id == user.id).with_for_update())
     owned = session.execute(select(func.count()).select_from(
         select(Worker.id).where(Worker.owner_id == user.id, Worker.kind == "http")
         .limit(cap).subquery())).scalar_one()
@@ -219,7 +267,8 @@ def capabilities(ctx: Context, user: User, worker: Worker, body: ImagePopInput,
     # Requests that name no model run on the first model that is not inpainting-only.
     any_model = next((m for m in models if not (e := entries[m]) or not e.inpainting), "")
     return queue.Capabilities(
-        worker_id=worker.id, models=models, any_model=any_model, max_pixels=body.max_pixels,
+        worker_id=worker.id, owner_id=user.id, models=models, any_model=any_model,
+        max_pixels=body.max_pixels,
         nsfw=body.nsfw,
         trusted=user.trusted, slow=is_slow(ctx, worker), extra_slow=body.extra_slow_worker,
         require_upfront_kudos=body.require_upfront_kudos, max_steps=max_steps,
@@ -320,19 +369,24 @@ class Held(NamedTuple):
     request_id: str
     model: str | None = None  # for metrics
     started_at: float | None = None  # when it was claimed
+    params: dict | None = None  # the request's: what the job makes
 
 
 def record(ctx: Context, user: User, generation_id: str, state: str,
            result: Callable[[Held], queue.Result]) -> tuple[float, Held]:
     """A worker's submit, image or text: the job must be held by one of `user`'s workers; a
-    fault hands it back to the queue, anything else is recorded exactly once through
-    `result(held)`. Returns the reward credited to `user`, and the claim it was for."""
+    fault hands it back to the queue (api/db/queue.py _hand_back: it counts against the
+    worker's owner, never again goes to that owner's workers, and as a drop against the
+    worker), anything else is recorded exactly once through `result(held)`. Returns the
+    reward credited to `user`, and the claim it was for."""
     now = time.time()
+    s = ctx.settings
     with ctx.db.write() as session:
         held = held_by(session, user, generation_id)
         if state == "faulted":
             queue.release_in(session, [(generation_id, held.claim_id)],
-                             f"worker {held.worker_name} reported a fault", ctx.settings.max_attempts)
+                             f"worker {held.worker_name} reported a fault", s.max_attempts,
+                             s.max_consecutive_drops, s.drop_maintenance_seconds, now)
             return 0.0, held
         finished = queue.finish_in(session, [result(held)], now)
         if not finished:  # another submit of the same job won the compare-and-set
@@ -340,21 +394,46 @@ def record(ctx: Context, user: User, generation_id: str, state: str,
         return finished[0].reward, held
 
 
-def submit_image(ctx: Context, user: User, body: JobSubmitInput) -> float:
+def censored_state(body: JobSubmitInput) -> bool:
+    return body.state in ("censored", "csam") or body.censored
+
+
+def submit_image(ctx: Context, user: User, body: JobSubmitInput,
+                 worker_requester: str | None = None) -> float:
+    """A worker's image result: checked (api/results.py), stored under its claim's own key,
+    and paid like any other whatever state the worker declares (a censored or CSAM image is
+    never kept: the requester gets the placeholder). `worker_requester`: the submitting
+    address as an anonymous requester (see queue.Result)."""
+    stored: list[str] = []
+
     def result(held: Held) -> queue.Result:
-        key = _store_result(ctx, body, upload_key(body.id, held.claim_id),
-                            image_key(held.request_id, body.id))
         metadata = list(body.gen_metadata)
-        censored = body.state in ("censored", "csam") or body.censored
-        if censored and not any(m.get("type") == "censorship" for m in metadata):
-            metadata.append({"type": "censorship", "value": "csam" if body.state == "csam" else "nsfw"})
+        censored = censored_state(body)
+        if censored:
+            ctx.storage.delete(upload_key(body.id, held.claim_id))
+            key = censored_placeholder(ctx.storage)
+            if not any(m.get("type") == "censorship" for m in metadata):
+                metadata.append({"type": "censorship",
+                                 "value": "csam" if body.state == "csam" else "nsfw"})
+        else:
+            p = held.params or {}
+            size = output_size(p["width"], p["height"], p.get("post_processing"))
+            key = store_result_image(ctx, body.generation, upload_key(body.id, held.claim_id),
+                                     image_key(held.request_id, body.id, held.claim_id),
+                                     "generation", {size})
+            stored.append(key)
         return queue.Result(
             generation_id=body.id, claim_id=held.claim_id, storage_key=key,
             seed=body.seed if body.seed is not None else held.seed, worker_id=held.worker_id,
-            worker_name=held.worker_name, owner_id=user.id,
-            censored=censored, gen_metadata=metadata)
+            worker_name=held.worker_name, owner_id=user.id, censored=censored,
+            gen_metadata=metadata, worker_requester=worker_requester)
 
-    reward, held = record(ctx, user, body.id, body.state, result)
+    try:
+        reward, held = record(ctx, user, body.id, body.state, result)
+    except BaseException:
+        for key in stored:  # this claim's own key: nothing published it
+            ctx.storage.delete(key)
+        raise
     metrics.job_submitted(held.model, "image", body.state, held.started_at)
     if body.state == "faulted" or body.generation == "R2":
         # Once committed: the result was copied under its final key (or the claim ended), and
@@ -368,13 +447,16 @@ def held_by(session, user: User, generation_id: str) -> Held:
     error for why not. One statement."""
     row = session.execute(
         select(Generation.state, Generation.claim_id, Generation.seed, Worker.id, Worker.name,
-               Worker.owner_id, Generation.request_id, Generation.model, Generation.started_at)
+               Worker.owner_id, Generation.request_id, Generation.model, Generation.started_at,
+               Request.params)
         .outerjoin(Worker, Worker.id == Generation.claimed_by)
+        .join(Request, Request.id == Generation.request_id)
         .where(Generation.id == generation_id)
     ).first()
     if row is None:
         raise HordeError(404, "InvalidJobID", f"id: no generation {generation_id}")
-    state, claim_id, seed, worker_id, worker_name, owner_id, request_id, model, started_at = row
+    (state, claim_id, seed, worker_id, worker_name, owner_id, request_id, model, started_at,
+     params) = row
     if state == "done":
         raise HordeError(400, "DuplicateGen", f"id: generation {generation_id} was already submitted")
     if state == "cancelled":
@@ -383,56 +465,38 @@ def held_by(session, user: User, generation_id: str) -> Held:
         raise HordeError(400, "RequestExpired",
                          f"id: generation {generation_id} is not held by your workers: its time "
                          "to live ran out and it went back to the queue")
-    return Held(claim_id, worker_id, worker_name, seed, request_id, model, started_at)
+    return Held(claim_id, worker_id, worker_name, seed, request_id, model, started_at, params)
 
 
-def _store_result(ctx: Context, body: JobSubmitInput, upload: str, key: str) -> str:
-    """Store the result's image under `key`: uploaded by the worker to its claim's URL
-    (`upload`, "R2"), or sent inline as base64 WebP. A censored or CSAM image is never kept;
-    the requester gets the placeholder (so a worker that censors need not upload anything)."""
-    if body.state in ("csam", "censored") or body.censored:
-        ctx.storage.delete(upload)
-        return censored_placeholder(ctx.storage)
-    return store_result_image(ctx, body.generation, upload, key, "generation")
-
-
-def store_result_image(ctx: Context, value: str, upload: str, key: str, field: str) -> str:
+def store_result_image(ctx: Context, value: str, upload: str, key: str, field: str,
+                       sizes: set[tuple[int, int]]) -> str:
     """A worker's image result stored under `key`: "R2" (it uploaded to its claim's URL,
-    `upload`) or inline base64 WebP; `field` names it in errors. Shared by image jobs and
-    alchemy's post-processor forms."""
+    `upload`) or inline base64; a WebP, PNG or JPEG of one of `sizes` within the size cap
+    (api/results.py), else a 400 naming `field`. Shared by image jobs and alchemy's
+    post-processor forms."""
+    cap = result_cap(ctx.settings, *max(sizes))
     if value == "R2":
-        return take_upload(ctx, upload, key, field)
+        size = ctx.storage.size(upload)
+        if size is None:
+            raise HordeError(400, "MissingUpload",
+                             f"{field}: 'R2' but nothing was uploaded to this job's r2_upload URL")
+        if size > cap:
+            ctx.storage.delete(upload)  # a result that fits may be uploaded in its place
+            check_result_size(size, cap, field)
+        check_image_result(ctx.storage.get(upload), sizes, cap, field)
+        # Copied under `key`, which no worker can write: later uploads change nothing the
+        # requester reads. The caller deletes `upload` once its transaction commits.
+        ctx.storage.copy(upload, key)
+        return key
     try:
         data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise HordeError(400, "BadRequest", f"{field}: neither 'R2' nor base64 image data") from None
     if not data:
         raise HordeError(400, "BadRequest", f"{field}: empty image")
-    check_result_size(ctx, len(data), field)
+    check_image_result(data, sizes, cap, field)
     ctx.storage.put(key, data, "image/webp")
     return key
-
-
-def take_upload(ctx: Context, upload: str, key: str, field: str) -> str:
-    """A claim's uploaded result, checked (a presigned S3 upload cannot be capped, so its size
-    is checked here) and copied under `key`, which no worker can write: later uploads change
-    nothing the requester reads. The caller deletes `upload` once its transaction commits."""
-    size = ctx.storage.size(upload)
-    if size is None:
-        raise HordeError(400, "MissingUpload",
-                         f"{field}: 'R2' but nothing was uploaded to this job's r2_upload URL")
-    if size > ctx.settings.max_upload_bytes:
-        ctx.storage.delete(upload)  # a result that fits may be uploaded in its place
-        check_result_size(ctx, size, field)
-    ctx.storage.copy(upload, key)
-    return key
-
-
-def check_result_size(ctx: Context, size: int, field: str) -> None:
-    cap = ctx.settings.max_upload_bytes
-    if size > cap:
-        raise HordeError(400, "UploadTooLarge",
-                         f"{field}: the result is {size} bytes; results may be at most {cap}")
 
 
 def censored_placeholder(storage) -> str:
@@ -463,7 +527,8 @@ def pop_text(ctx: Context, caller: User | Callable[[Session], User],
                                      "require_upfront_kudos": body.require_upfront_kudos}}
         worker = worker_for_pop(ctx, session, user, body.name, "text", declared, now)
         caps = queue.Capabilities(
-            worker_id=worker.id, models=served, kind="text", max_length=body.max_length,
+            worker_id=worker.id, owner_id=user.id, models=served, kind="text",
+            max_length=body.max_length,
             max_context_length=body.max_context_length, nsfw=body.nsfw, trusted=user.trusted,
             slow=is_slow(ctx, worker), extra_slow=body.extra_slow_worker,
             require_upfront_kudos=body.require_upfront_kudos, blacklist=tuple(body.blacklist),
@@ -489,11 +554,19 @@ TEXT_PAYLOAD_KEYS = ("max_length", "max_context_length", "temperature", "top_p",
                      "typical", "min_p", "rep_pen", "rep_pen_range", "stop_sequence")
 
 
-def submit_text(ctx: Context, user: User, body: TextSubmitInput) -> float:
-    reward, held = record(ctx, user, body.id, body.state, lambda held: queue.Result(
-        generation_id=body.id, claim_id=held.claim_id, storage_key=None, seed=held.seed,
-        worker_id=held.worker_id, worker_name=held.worker_name, owner_id=user.id,
-        censored=body.state in ("censored", "csam"), gen_metadata=list(body.gen_metadata),
-        text="" if body.state == "csam" else body.generation))
+def submit_text(ctx: Context, user: User, body: TextSubmitInput,
+                worker_requester: str | None = None) -> float:
+    """A worker's text result, paid for the tokens it delivered (queue.earned: counted from
+    the text, never as the worker says), whatever state it declares."""
+    def result(held: Held) -> queue.Result:
+        text = "" if body.state == "csam" else body.generation
+        return queue.Result(
+            generation_id=body.id, claim_id=held.claim_id, storage_key=None, seed=held.seed,
+            worker_id=held.worker_id, worker_name=held.worker_name, owner_id=user.id,
+            censored=body.state in ("censored", "csam"), gen_metadata=list(body.gen_metadata),
+            text=text, completion_tokens=queue.text_tokens(text),
+            worker_requester=worker_requester)
+
+    reward, held = record(ctx, user, body.id, body.state, result)
     metrics.job_submitted(held.model, "text", body.state, held.started_at)
     return reward

@@ -36,7 +36,7 @@ from api.db.models import Generation, Worker
 from api.db.session import get_database
 from api.settings import Settings
 from api.storage import make_storage
-from api.workers import censored_placeholder
+from api.workers import censored_placeholder, image_key
 from cluster.alchemy_runner import AlchemyRunner
 from cluster.bridge import NODE_ID_LABEL, VolunteerBridge
 from deployments import workflows
@@ -284,7 +284,8 @@ class Dispatcher:
                 if time.monotonic() - last_expire > self.expire_seconds:
                     last_expire = time.monotonic()
                     await asyncio.to_thread(queue.expire, self.db, self.settings.max_attempts,
-                                            max_consecutive_drops=self.settings.max_consecutive_drops)
+                                            max_consecutive_drops=self.settings.max_consecutive_drops,
+                                            maintenance_seconds=self.settings.drop_maintenance_seconds)
                     await asyncio.to_thread(self._delete_ended_sources)
                     await asyncio.to_thread(alchemy_forms.expire, self.db, self.settings.max_attempts)
                     await asyncio.to_thread(alchemy_forms.delete_ended_sources, self.db, self.storage)
@@ -405,9 +406,11 @@ class Dispatcher:
             room = route.max_in_flight - route.in_flight
             if room <= 0 or route.paused_until > time.monotonic():
                 continue
-            caps = queue.Capabilities(worker_id=route.worker_id, models=route.models,
-                                      any_model=route.any_model, kind=route.kind, trusted=True, max_length=UNLIMITED,
-                                      max_context_length=UNLIMITED)
+            caps = queue.Capabilities(
+                worker_id=route.worker_id, models=route.models, any_model=route.any_model,
+                kind=route.kind, trusted=True, max_length=UNLIMITED, max_context_length=UNLIMITED,
+                # A volunteer node's owner: a job one of its workers faulted does not come back.
+                owner_id=route.owner_id if route.owner_id is not None else -1)
             jobs = await asyncio.to_thread(queue.claim, self.db, caps, room)
             metrics.jobs_claimed(jobs, route.worker_kind)
             # Images of one request go as one batch (one pipeline call); text generations one
@@ -577,12 +580,19 @@ class Dispatcher:
             if nsfw:  # never stored: the requester gets the placeholder, and pays nothing
                 key = censored_placeholder(self.storage)
                 notes = [*notes, {"type": "censorship", "value": "nsfw"}]
-            else:
-                key = f"images/{job.request_id}/{job.generation_id}.webp"
+            else:  # under its claim's own key: published only if the claim still holds
+                key = image_key(job.request_id, job.generation_id, job.claim_id)
                 self.storage.put(key, image, "image/webp")
             results.append(queue.Result(
                 generation_id=job.generation_id, claim_id=job.claim_id, storage_key=key,
                 seed=seed, worker_id=worker_id, worker_name=worker_name,
                 owner_id=owner_id, gen_metadata=notes, censored=nsfw,
+                # The cluster's own safety check: the horde pays for what it censored.
+                censored_by_horde=nsfw,
             ))
-        metrics.jobs_finished(batch, route.worker_kind, queue.finish(self.db, results))
+        finished = queue.finish(self.db, results)
+        won = {f.generation_id for f in finished}
+        for r in results:  # a claim that lost (cancelled, expired meanwhile) leaves nothing
+            if r.generation_id not in won and not r.censored:
+                self.storage.delete(r.storage_key)
+        metrics.jobs_finished(batch, route.worker_kind, finished)

@@ -145,6 +145,23 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
+def webp_bytes(width: int, height: int, color=(90, 120, 150)) -> bytes:
+    """A real WebP image of `width` x `height` (what a worker's result must be: the API may
+    check the format and the dimensions of every uploaded result)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, format="WEBP")
+    return buf.getvalue()
+
+
+def result_webp(payload: dict) -> bytes:
+    """The WebP result an image job popped with `payload` (its width and height) makes."""
+    return webp_bytes(payload["width"], payload["height"])
+
+
 def png_b64(image) -> str:
     """A PIL image as the base64 PNG a client sends as source_image."""
     import base64

@@ -245,6 +245,9 @@ class Generation(Base):
     # failures + owners reach max_attempts (api/db/queue.py).
     failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     faulted_owners: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    # What its requester paid when it finished (its reward and tax share; for text the reward
+    # of the tokens delivered; nothing when the horde's own check censored it).
+    charged: Mapped[float | None] = mapped_column(Double, nullable=True)
 
     __table_args__ = (Index("ix_generations_state_deadline", "state", "deadline"),
                       Index("ix_generations_requester_state", "requester", "state"),
@@ -301,6 +304,10 @@ class InterrogationForm(Base):
     result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     result_key: Mapped[str | None] = mapped_column(String(300), nullable=True)
     fault_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # As Generation.failures and faulted_owners: an alchemy form fails only when the cluster
+    # or workers of several distinct owners fault it (api/alchemy/forms.py).
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    faulted_owners: Mapped[str] = mapped_column(String(200), default="", server_default="")
 
     __table_args__ = (Index("ix_forms_claim", "state", "name", "sort_key"),
                       Index("ix_forms_state_deadline", "state", "deadline"),

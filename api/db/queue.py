@@ -11,6 +11,7 @@ not grow with the number of waiting generations.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -510,21 +511,11 @@ def skipped_in(session, caps: Capabilities) -> dict[str, int]:
     return {name: count for name, count in rows if name is not None}
 
 
-def _back_to_queue_values(reason: str, max_attempts: int) -> dict:
-    give_up = G.c.attempts >= max_attempts
-    return {
-        "state": case((give_up, "faulted"), else_="waiting"),
-        "fault_reason": case((give_up, reason), else_=G.c.fault_reason),
-        "model": case((give_up, G.c.model), else_=None),
-        "claim_id": None, "claimed_by": None, "deadline": None,
-        "finished_at": case((give_up, time.time()), else_=None),
-    }
-
-
 def fault(db: Database, claims: list[tuple[str, str]], reason: str) -> int:
     """End claimed generations as `faulted` at once: a job that cannot run as given (a
     deployment's JobRejected) fails the same way on every attempt, so it is not retried. Only
-    the current claim can do it; the requester is not charged (nothing finished)."""
+    the current claim can do it; the requester is not charged (nothing finished). Only the
+    cluster's own code calls it: a worker's fault hands the job back (release_in)."""
     if not claims:
         return 0
     with db.write() as session:
@@ -570,77 +561,147 @@ def _drop_entries_of_ended(session, gen_ids: list[str]) -> None:
         session.execute(delete(Q).where(Q.c.generation_id.in_(ended)))
 
 
-def _entries_follow(session, gen_ids: list[str]) -> None:
-    """After claims were handed back (`gen_ids`): the entries of the generations that ended
-    go, those of the generations back in the queue are unclaimed (and keep their place)."""
-    if gen_ids:
-        _drop_entries_of_ended(session, gen_ids)
-        waiting = select(G.c.id).where(G.c.id.in_(gen_ids), G.c.state == "waiting")
-        session.execute(update(Q).where(Q.c.generation_id.in_(waiting)).values(claimed=False))
+# --- claims handed back ----------------------------------------------------------------------
+#
+# A claim comes back to the queue when its worker faults it, drops it (its deadline passes) or
+# goes away. Who held it decides what it counts for. The cluster's own replicas are the horde's
+# code: each failure counts (`failures`). Anyone else's worker (an HTTP volunteer, a Ray-joined
+# node) is untrusted: its owner is noted on the generation (`faulted_owners`) and on its queue
+# entries (`excluded_owners`, so no worker of that owner claims it again), and counts once
+# however many workers it runs. A generation ends faulted when failures and owners together
+# reach max_attempts: one griefer, with any number of workers, cannot fail anyone's request.
 
 
-def release(db: Database, claims: list[tuple[str, str]], reason: str, max_attempts: int) -> int:
-    """Hand claimed generations back: to the queue, or `faulted` once they have used up their
-    attempts. Only the current claim can release (a stale claimer changes nothing)."""
+@dataclass
+class _Held:
+    """A processing generation as handed back: its claim and who held it."""
+
+    generation_id: str
+    claim_id: str
+    failures: int
+    faulted_owners: str
+    holder_id: str | None
+    holder_kind: str | None  # None: no worker record (counted as the cluster's)
+    holder_owner: int | None
+
+    @property
+    def trusted(self) -> bool:
+        return self.holder_kind in (None, "cluster")
+
+
+_HELD_COLUMNS = (G.c.id, G.c.claim_id, G.c.failures, G.c.faulted_owners, W.c.id, W.c.kind,
+                 W.c.owner_id)
+
+
+def _held(session, *where, skip_locked: bool = False) -> list[_Held]:
+    """The processing generations `where` selects, with their holders, locked on PostgreSQL
+    (claims that a concurrent claim or submit holds are skipped with `skip_locked`)."""
+    stmt = (select(*_HELD_COLUMNS).select_from(G.outerjoin(W, W.c.id == G.c.claimed_by))
+            .where(G.c.state == "processing", *where))
+    if session.bind.dialect.name == "postgresql":
+        stmt = stmt.with_for_update(of=G, skip_locked=skip_locked)
+    return [_Held(*row) for row in session.execute(stmt).all()]
+
+
+def owners_of(listed: str) -> list[int]:
+    """The owner ids of a `faulted_owners` / `excluded_owners` string (",1,7,")."""
+    return [int(x) for x in listed.split(",") if x]
+
+
+def _hand_back(session, held: list[_Held], reason: str, max_attempts: int, now: float) -> int:
+    """Each of `held` back to the queue (keeping its place), or faulted once failures and
+    owners reach max_attempts; the entries follow. A statement or two per generation: hand-
+    backs are rare next to claims."""
+    for h in held:
+        failures, owners = h.failures, owners_of(h.faulted_owners)
+        if h.trusted:
+            failures += 1
+        elif h.holder_owner not in owners:
+            owners.append(h.holder_owner)
+        listed = "".join(f",{o}" for o in owners) + "," if owners else ""
+        give_up = failures + len(owners) >= max_attempts
+        session.execute(
+            update(G).where(G.c.id == h.generation_id, G.c.claim_id == h.claim_id,
+                        G.c.state == "processing")
+            .values(state="faulted" if give_up else "waiting",
+                    fault_reason=reason if give_up else G.c.fault_reason,
+                    model=G.c.model if give_up else None, claim_id=None, claimed_by=None,
+                    deadline=None, finished_at=now if give_up else None, failures=failures,
+                    faulted_owners=listed))
+        if give_up:
+            session.execute(delete(Q).where(Q.c.generation_id == h.generation_id))
+        else:
+            session.execute(update(Q).where(Q.c.generation_id == h.generation_id)
+                            .values(claimed=False, excluded_owners=listed))
+    return len(held)
+
+
+def release(db: Database, claims: list[tuple[str, str]], reason: str, max_attempts: int,
+            max_consecutive_drops: int | None = None, maintenance_seconds: float = 0.0) -> int:
+    """Hand claimed generations back (see _hand_back): the cluster's replicas when a call
+    fails. Only the current claim can release (a stale claimer changes nothing)."""
     if not claims:
         return 0
     with db.write() as session:
-        return release_in(session, claims, reason, max_attempts)
+        return release_in(session, claims, reason, max_attempts, max_consecutive_drops,
+                          maintenance_seconds)
 
 
-def release_in(session, claims: list[tuple[str, str]], reason: str, max_attempts: int) -> int:
-    released = []
-    for gen_id, claim_id in claims:
-        row = session.execute(
-            update(G).where(G.c.id == gen_id, G.c.claim_id == claim_id, G.c.state == "processing")
-            .values(**_back_to_queue_values(reason, max_attempts)).returning(G.c.id)
-        ).first()
-        if row:
-            released.append(gen_id)
-    _entries_follow(session, released)
-    return len(released)
+def release_in(session, claims: list[tuple[str, str]], reason: str, max_attempts: int,
+               max_consecutive_drops: int | None = None, maintenance_seconds: float = 0.0,
+               now: float | None = None) -> int:
+    """release() in the caller's transaction (a worker's faulted submit). An untrusted
+    holder's release counts as a drop against its worker."""
+    now = time.time() if now is None else now
+    wanted = dict(claims)
+    held = [h for h in _held(session, G.c.id.in_(list(wanted)))
+            if wanted.get(h.generation_id) == h.claim_id]
+    _hand_back(session, held, reason, max_attempts, now)
+    if max_consecutive_drops:
+        _count_drops(session, held, max_consecutive_drops, maintenance_seconds, now)
+    return len(held)
 
 
 def expire(db: Database, max_attempts: int, now: float | None = None,
-           worker_id: str | None = None, max_consecutive_drops: int | None = None) -> int:
+           worker_id: str | None = None, max_consecutive_drops: int | None = None,
+           maintenance_seconds: float = 0.0) -> int:
     """Return claims past their deadline (or every claim of `worker_id`, whose in-flight work is
-    known to be lost) to the queue. Reads through ix_generations_state_deadline.
+    known to be lost) to the queue (see _hand_back). Reads through
+    ix_generations_state_deadline.
 
-    Deadline expiries count as drops against the HTTP workers that held them; one that drops
-    `max_consecutive_drops` jobs in a row (no successful submit between) goes into
-    maintenance, so its owner notices before it wastes more of the queue's time."""
+    Deadline expiries count as drops against the untrusted workers that held them; one whose
+    drops and faults reach `max_consecutive_drops` in a row (no successful submit between)
+    goes into maintenance for `maintenance_seconds`, which its owner cannot end before (so it
+    notices before it wastes more of the queue's time, and a griefer cannot carry on)."""
     now = time.time() if now is None else now
     with db.write() as session:
-        cond = [G.c.state == "processing"]
-        cond.append(G.c.claimed_by == worker_id if worker_id else G.c.deadline < now)
-        reason = "worker lost the job" if worker_id else "job expired"
-        # Who held them is read first: RETURNING would give the cleared claimed_by.
-        lapsed = select(G.c.id, G.c.claimed_by).where(*cond)
-        if session.bind.dialect.name == "postgresql":
-            lapsed = lapsed.with_for_update(skip_locked=True)
-        rows = session.execute(lapsed).all()
-        if not rows:
+        where = G.c.claimed_by == worker_id if worker_id else G.c.deadline < now
+        held = _held(session, where, skip_locked=True)
+        if not held:
             return 0
-        ids = [r[0] for r in rows]
-        session.execute(update(G).where(G.c.id.in_(ids), *cond)
-                        .values(**_back_to_queue_values(reason, max_attempts)))
-        _entries_follow(session, ids)
+        _hand_back(session, held, "worker lost the job" if worker_id else "job expired",
+                   max_attempts, now)
         if worker_id is None and max_consecutive_drops:
-            _count_drops(session, [r[1] for r in rows], max_consecutive_drops)
-    return len(rows)
+            _count_drops(session, held, max_consecutive_drops, maintenance_seconds, now)
+    return len(held)
 
 
-def _count_drops(session, holders: list[str], limit: int) -> None:
-    W_ = Worker.__table__
-    for worker, count in sorted({h: holders.count(h) for h in holders if h}.items()):
-        drops = W_.c.consecutive_drops + count
+def _count_drops(session, held: list[_Held], limit: int, maintenance_seconds: float,
+                 now: float) -> None:
+    """Drops and faults of untrusted workers, against their consecutive count; at `limit` the
+    worker goes into maintenance the horde imposed, until now + maintenance_seconds."""
+    holders = [h.holder_id for h in held if not h.trusted and h.holder_id]
+    for worker, count in sorted({h: holders.count(h) for h in holders}.items()):
+        drops = W.c.consecutive_drops + count
+        imposed = and_(W.c.maintenance == False, drops >= limit)  # noqa: E712
         session.execute(
-            update(W_).where(W_.c.id == worker, W_.c.kind != "cluster")
-            .values(dropped_jobs=W_.c.dropped_jobs + count, consecutive_drops=drops,
-                    maintenance=or_(W_.c.maintenance, drops >= limit),
-                    maintenance_msg=case((and_(W_.c.maintenance == False, drops >= limit),  # noqa: E712
-                                          f"dropped {limit} jobs in a row"),
-                                         else_=W_.c.maintenance_msg)))
+            update(W).where(W.c.id == worker, W.c.kind != "cluster")
+            .values(dropped_jobs=W.c.dropped_jobs + count, consecutive_drops=drops,
+                    maintenance=or_(W.c.maintenance, drops >= limit),
+                    maintenance_msg=case((imposed, f"dropped or faulted {limit} jobs in a row"),
+                                         else_=W.c.maintenance_msg),
+                    maintenance_until=case((imposed, now + maintenance_seconds),
+                                           else_=W.c.maintenance_until)))
 
 
 @dataclass
@@ -654,6 +715,13 @@ class Result:
     owner_id: int  # earns the reward
     censored: bool = False
     gen_metadata: list = field(default_factory=list)
+    # Censored by the cluster's own safety check (which the horde runs itself, on the
+    # cluster's replicas): the requester pays nothing and the horde pays the work. A state a
+    # worker declares never does that: its censored result is paid like any other.
+    censored_by_horde: bool = False
+    # The submitting worker's address as an anonymous requester ("ip:<digest>",
+    # api/routes/deps.py requester_of): anonymous requests from it are not work for others.
+    worker_requester: str | None = None
     # Text results.
     text: str | None = None
     prompt_tokens: int | None = None
@@ -670,17 +738,52 @@ class Finished:
 def finish(db: Database, results: list[Result], now: float | None = None) -> list[Finished]:
     """Record results exactly once: only the current claim of a processing generation can
     finish it; a late or second submit finds nothing to update. In the same transaction the
-    requester pays (the generation's kudos plus its tax share), the worker's owner earns the
-    kudos, the horde collects the tax, and the worker's counters move. A censored result costs
-    the requester nothing: the horde's account pays the worker's owner instead."""
+    requester pays and the worker's owner earns (see _payments), the horde collects the tax,
+    and the worker's and the requester's counters move."""
     now = time.time() if now is None else now
     with db.write() as session:
         return finish_in(session, results, now)
 
 
+def text_tokens(text: str) -> int:
+    """The tokens a text worker delivered, counted as the AI Horde counts them without a
+    tokenizer: a token per four characters (so one character is one token)."""
+    return math.ceil(len(text) / 4)
+
+
+def _earned(session, result: Result):
+    """SQL for what a finished generation earns its worker's owner: its kudos, or for text its
+    kudos scaled by the tokens delivered of the max_length asked for (its queue entries say,
+    read before they go), so a one-character answer earns a one-token reward."""
+    if result.text is None:
+        return G.c.kudos
+    tokens = result.completion_tokens if result.completion_tokens is not None \
+        else text_tokens(result.text)
+    asked = (select(func.max(Q.c.max_length)).where(Q.c.generation_id == G.c.id)
+             .scalar_subquery())
+    least = func.min if session.bind.dialect.name == "sqlite" else func.least
+    share = case((asked > 0, least(1.0, literal(float(tokens)) / asked)), else_=1.0)
+    return G.c.kudos * share
+
+
+def _payments(r: Result, g: dict, horde: int) -> list[tuple[int, float, str]]:
+    """The ledger rows of one finished generation: the requester pays what it was charged
+    (the reward and its tax share), the owner earns the reward, the horde collects the tax;
+    censored by the horde's own check, the horde pays the reward instead (nobody, for the
+    owner's own request)."""
+    reward = g["earned"]
+    if r.censored_by_horde:
+        if g["user_id"] == r.owner_id or not reward:
+            return []
+        return [(horde, -reward, "reward"), (r.owner_id, reward, "reward")]
+    rows = [(g["user_id"], -g["charged"], "generation"), (r.owner_id, reward, "reward")]
+    return rows + ([(horde, g["tax"], "tax")] if g["tax"] else [])
+
+
 def finish_in(session, results: list[Result], now: float) -> list[Finished]:
     done: list[tuple[Result, dict]] = []
     for r in results:
+        earned = _earned(session, r)
         row = session.execute(
             update(G)
             .where(G.c.id == r.generation_id, G.c.claim_id == r.claim_id,
@@ -689,12 +792,16 @@ def finish_in(session, results: list[Result], now: float) -> list[Finished]:
                     worker_id=r.worker_id, worker_name=r.worker_name, censored=r.censored,
                     gen_metadata=r.gen_metadata, claim_id=None, deadline=None, text=r.text,
                     prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
-                    finish_reason=r.finish_reason)
+                    finish_reason=r.finish_reason,
+                    charged=0.0 if r.censored_by_horde else earned + G.c.tax)
             .returning(G.c.model, G.c.started_at, G.c.kudos, G.c.tax, G.c.user_id,
-                       G.c.megapixelsteps)
+                       G.c.megapixelsteps, G.c.requester, G.c.charged)
         ).first()
         if row:
-            done.append((r, dict(row._mapping)))
+            g = dict(row._mapping)
+            # (the cluster's safety check censors images only, whose reward is their kudos)
+            g["earned"] = g["kudos"] if r.censored_by_horde else g["charged"] - g["tax"]
+            done.append((r, g))
     if not done:
         return []
     ids = [r.generation_id for r, _ in done]
@@ -702,26 +809,36 @@ def finish_in(session, results: list[Result], now: float) -> list[Finished]:
     _record_speed(session, [(g["model"], now - (g["started_at"] or now)) for _, g in done], now)
     horde = ledger.horde_account_id(session)
     rows: list[tuple[int, float, str]] = []
+    usage: dict[int, ledger.Usage] = {}
     per_worker: dict[str, dict[str, float]] = {}
+    finished = []
     for r, g in done:
-        if r.censored:  # the requester gets a placeholder and pays nothing; the horde pays the work
-            rows += [(horde, -g["kudos"], "reward"), (r.owner_id, g["kudos"], "reward")]
-        else:
-            rows += [(g["user_id"], -(g["kudos"] + g["tax"]), "generation"),
-                     (r.owner_id, g["kudos"], "reward")]
-            if g["tax"]:
-                rows.append((horde, g["tax"], "tax"))
+        payments = _payments(r, g, horde)
+        rows += payments
+        reward = next((amount for uid, amount, kind in payments
+                       if kind == "reward" and amount > 0), 0.0)
+        tokens = r.completion_tokens if r.completion_tokens is not None else (
+            text_tokens(r.text) if r.text is not None else 0)
+        used = usage.setdefault(g["user_id"], ledger.Usage())
+        used.generations += 1
+        used.megapixelsteps += g["megapixelsteps"]
+        used.tokens += tokens
         w = per_worker.setdefault(r.worker_id, {"jobs": 0, "mps": 0.0, "kudos": 0.0, "secs": 0.0,
                                                 "tokens": 0, "for_others": False})
-        # Work for someone else, not the worker's owner, is what earns the uptime bonus
-        # (api/workers.py worker_for_pop): its own requests would let an owner buy the bonus.
-        w["for_others"] = w["for_others"] or g["user_id"] != r.owner_id
+        # Work for someone else is what earns the uptime bonus (api/workers.py): neither the
+        # owner's own requests nor anonymous ones from the worker's own address, with which
+        # an owner could buy the bonus.
+        w["for_others"] = w["for_others"] or (g["user_id"] != r.owner_id
+                                              and g["requester"] != r.worker_requester)
         w["jobs"] += 1
-        w["tokens"] += r.completion_tokens or 0
+        w["tokens"] += tokens
         w["mps"] += g["megapixelsteps"]
-        w["kudos"] += g["kudos"]
+        w["kudos"] += reward
         w["secs"] += now - (g["started_at"] or now)
-    ledger.record(session, rows, ref=ids[0] if len(ids) == 1 else None, now=now)
+        finished.append(Finished(r.generation_id, reward))
+    rows = [row for row in rows if row[1]]
+    if rows or usage:
+        ledger.record(session, rows, ref=ids[0] if len(ids) == 1 else None, now=now, usage=usage)
     for worker_id, w in sorted(per_worker.items()):
         session.execute(update(W).where(W.c.id == worker_id).values(
             jobs_done=W.c.jobs_done + w["jobs"],
@@ -730,7 +847,7 @@ def finish_in(session, results: list[Result], now: float) -> list[Finished]:
             seconds_working=W.c.seconds_working + w["secs"],
             tokens_generated=W.c.tokens_generated + w["tokens"], consecutive_drops=0,
             **({"last_job_at": now} if w["for_others"] else {})))
-    return [Finished(r.generation_id, g["kudos"]) for r, g in done]
+    return finished
 
 
 def _record_speed(session, done: list[tuple[str, float]], now: float) -> None:

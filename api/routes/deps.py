@@ -75,6 +75,10 @@ def requester_of(user: User, ip: str) -> str:
     client address (kept as a digest, not in the clear)."""
     if user.id != ANONYMOUS_USER_ID:
         return f"u:{user.id}"
+    return anonymous_requester(ip)
+
+
+def anonymous_requester(ip: str) -> str:
     return "ip:" + hashlib.sha256(ip.encode()).hexdigest()[:32]
 
 
@@ -176,11 +180,14 @@ async def worker_submit(request: Request, apikey: str | None, submit: Callable,
     """A worker's `/submit` of one job (`submit(ctx, user, body)` -> reward), one thread hop
     as in_read_session."""
     ctx = ctx_of(request)
+    # The submitting address as an anonymous requester: anonymous requests sent from it are
+    # not work for others (api/db/queue.py Result.worker_requester).
+    worker_requester = anonymous_requester(client_ip(request))
 
     def run() -> JobSubmitResponse:
         with ctx.db.read() as session:
             user = registered(ctx, session, apikey, "a worker")
-        return JobSubmitResponse(reward=round(submit(ctx, user, body), 2))
+        return JobSubmitResponse(reward=round(submit(ctx, user, body, worker_requester), 2))
     return await run_in_threadpool(run)
 
 

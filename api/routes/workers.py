@@ -140,11 +140,18 @@ def modify_worker(worker_id: str, body: WorkerModify, request: Request,
         if worker.owner_id != user.id and not user.moderator:
             raise HordeError(403, "NotOwner", "apikey: only the worker's owner or a moderator")
         out = WorkerModifyResponse()
+        now = time.time()
+        if body.maintenance is False and worker.maintenance and not user.moderator \
+                and worker.maintenance_until is not None and worker.maintenance_until > now:
+            raise HordeError(403, "MaintenanceImposed",
+                             f"maintenance: worker {worker.name!r} is in maintenance "
+                             f"({worker.maintenance_msg}): {workers.maintenance_end(worker, now)}")
         if body.maintenance is not None:
             worker.maintenance = out.maintenance = body.maintenance
             worker.maintenance_msg = body.maintenance_msg if body.maintenance else None
             if not body.maintenance:
                 worker.consecutive_drops = 0
+                worker.maintenance_until = None
         if body.info is not None:
             worker.info = out.info = body.info
         if body.name is not None and body.name != worker.name:

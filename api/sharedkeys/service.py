@@ -79,11 +79,11 @@ class _Spending:
 def _spending(session, key: SharedKey) -> _Spending:
     """One grouped read over the generations of the key's unsettled requests."""
     G, L = Generation, SharedKeyRequest
-    cost = G.kudos + G.tax
-    charged = and_(G.state == "done", G.censored == False)  # noqa: E712
+    cost = G.kudos + G.tax  # the most a generation in flight may cost
     rows = session.execute(
         select(L.request_id, L.settled,
-               func.coalesce(func.sum(case((charged, cost), else_=0.0)), 0.0),
+               # what finished generations cost (api/db/queue.py finish_in sets `charged`)
+               func.coalesce(func.sum(case((G.state == "done", G.charged), else_=0.0)), 0.0),
                func.count(case((G.state.in_(ACTIVE), 1))),
                func.coalesce(func.sum(case((G.state.in_(ACTIVE), cost), else_=0.0)), 0.0))
         .select_from(L).outerjoin(G, G.request_id == L.request_id)

@@ -26,6 +26,10 @@ FACE_FIXERS = ("GFPGAN", "CodeFormers")
 UPSCALERS = ("RealESRGAN_x4plus", "RealESRGAN_x2plus", "RealESRGAN_x4plus_anime_6B", "NMKD_Siax",
              "4x_AnimeSharp")
 BACKGROUND = "strip_background"
+# How many times larger each upscaler makes an image (the published networks' scales; the
+# specs in upscalers.py build them so).
+UPSCALE_FACTORS = {"RealESRGAN_x4plus": 4, "RealESRGAN_x2plus": 2,
+                   "RealESRGAN_x4plus_anime_6B": 4, "NMKD_Siax": 4, "4x_AnimeSharp": 4}
 POST_PROCESSORS = (*FACE_FIXERS, *UPSCALERS, BACKGROUND)
 PostProcessorName = Literal["GFPGAN", "CodeFormers", "RealESRGAN_x4plus", "RealESRGAN_x2plus",
                             "RealESRGAN_x4plus_anime_6B", "NMKD_Siax", "4x_AnimeSharp",
@@ -58,6 +62,15 @@ def order(names: list[str] | tuple[str, ...]) -> list[str]:
     rank = {n: i for i, n in enumerate((*FACE_FIXERS, *UPSCALERS, BACKGROUND))}
     group = lambda n: 0 if n in FACE_FIXERS else 1 if n in UPSCALERS else 2  # noqa: E731
     return sorted(names, key=lambda n: (group(n), rank[n]))
+
+
+def output_size(width: int, height: int, post_processing) -> tuple[int, int]:
+    """The size of an image of `width` x `height` after `post_processing` (at most one
+    upscaler; the others keep the size)."""
+    factor = 1
+    for name in post_processing or ():
+        factor *= UPSCALE_FACTORS.get(name, 1)
+    return width * factor, height * factor
 
 
 def _weights_file(entry: PostProcessorEntry) -> str | None:

@@ -9,6 +9,7 @@ import email.utils
 import json
 import os
 import subprocess
+import math
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
+from api.kudos import REQUEST_TAX
 from api import usage_stats
 from api.app import create_app
 from api.db.models import Generation, Request, SharedKey, SharedKeyRequest, Worker
@@ -151,8 +153,10 @@ def test_stats_count_finished_generations_per_model_and_period(client, ctx):
         "minute": {"images": 1, "ps": ps}, "hour": {"images": 1, "ps": ps},
         "day": {"images": 1, "ps": ps}, "month": {"images": 2, "ps": 2 * ps},
         "total": {"images": 3, "ps": 3 * ps}}
-    # HTTP text workers do not say how many tokens they made: the tokens asked for count.
-    period = {"requests": 2, "tokens": 40 + 30}
+    # HTTP text workers' tokens are counted from what they delivered (a token per four
+    # characters, as they are paid: api/db/queue.py text_tokens), not from what was asked.
+    delivered = 2 * math.ceil(len("there was a lighthouse") / 4)
+    period = {"requests": 2, "tokens": delivered}
     assert c.get("/api/v2/stats/text/totals").json() == {
         p: period for p in ("minute", "hour", "day", "month", "total")}
 
@@ -295,11 +299,15 @@ def test_requests_with_a_shared_key_are_paid_by_its_owner(client, ctx):
     shown = client.get(f"/api/v2/sharedkeys/{key['id']}").json()
     assert (shown["utilized"], shown["kudos"]) == (round(cost), round(100 - cost))
     # A text request too: the key's kudos and utilized move by what it cost the owner.
-    text_cost = text_submit(client, dry_run=True, params={"max_length": 40}).json()["kudos"]
+    quote = text_submit(client, dry_run=True, params={"max_length": 40}).json()["kudos"]
     assert text_submit(client, key_headers(key), params={"max_length": 40}).status_code == 202
     finish_text(client, wh)
+    # (paid for the tokens delivered: 6 of the 40 asked for, and the request tax)
+    tokens = math.ceil(len("there was a lighthouse") / 4)
+    text_cost = (quote - REQUEST_TAX) * tokens / 40 + REQUEST_TAX
     shown = client.get(f"/api/v2/sharedkeys/{key['id']}").json()
     assert shown["utilized"] == round(cost + text_cost)
+    assert text_cost < quote
     assert shown["kudos"] == round(100 - cost - text_cost)
     assert balances(ctx)[owner.id] == pytest.approx(before - cost - text_cost, abs=1e-6)
     # The next request made with it settles the finished ones into the key.
@@ -398,13 +406,22 @@ def test_only_the_owner_changes_or_deletes_a_shared_key(client, ctx):
     assert_ledger_consistent(ctx)
 
 
-def test_censored_images_cost_a_shared_key_nothing(client, ctx):
-    _, h = make_user(ctx, "lender", kudos=100)
-    _, wh = make_user(ctx, "volunteer")
+def test_a_worker_censored_image_costs_a_shared_key_like_any_other(client, ctx):
+    """A state the worker declares never moves kudos from the horde: its censored image is
+    paid by the key's owner like any other (issue 21, finding 1), and the key counts it."""
+    lender, h = make_user(ctx, "lender", kudos=100)
+    worker_owner, wh = make_user(ctx, "volunteer")
     key = create_key(client, h).json()
+    cost = price(client, params={"steps": 10})
     assert submit(client, key_headers(key), params={"steps": 10}).status_code == 202
-    do_job(client, wh, state="censored")
-    assert client.get(f"/api/v2/sharedkeys/{key['id']}").json()["utilized"] == 0
+    before = balances(ctx)
+    _, (answer,) = do_job(client, wh, state="censored")
+    reward = answer.json()["reward"]
+    assert reward == pytest.approx(cost - REQUEST_TAX, abs=0.01)
+    after = balances(ctx)
+    assert after[lender.id] == pytest.approx(before[lender.id] - cost, abs=1e-6)
+    assert after[worker_owner.id] == pytest.approx(before[worker_owner.id] + reward, abs=1e-6)
+    assert client.get(f"/api/v2/sharedkeys/{key['id']}").json()["utilized"] == round(cost)
     assert_ledger_consistent(ctx)
 
 

@@ -12,12 +12,11 @@ from sqlalchemy import select, update
 from api import ledger
 from api.db import queue
 from api.db.models import Generation, Worker
-from conftest import count_statements
+from conftest import count_statements, result_webp, webp_bytes
 from test_economy import assert_ledger_consistent, balances, make_user, submit
 
 pytestmark = pytest.mark.timeout(120)
-WEBP = base64.b64decode(  # a 1x1 WebP
-    "UklGRiIAAABXRUJQVlA4IBYAAAAwAQCdASoBAAEADsD+JaQAA3AAAAAA")
+WEBP = webp_bytes(512, 512)  # the result of a job of the default size
 
 
 def pop(client, headers, name="w1", **body):
@@ -34,7 +33,7 @@ def do_job(client, headers, name="w1", state="ok", **pop_body):
     job = pop(client, headers, name, **pop_body).json()
     assert job["ids"], job
     for url in job["r2_uploads"]:
-        assert upload(client, url).status_code == 200
+        assert upload(client, url, result_webp(job["payload"])).status_code == 200
     return job, [client.post("/api/v2/generate/submit", headers=headers, json={
         "id": gid, "generation": "R2", "state": state, "seed": int(job["payload"]["seed"]) + i})
         for i, gid in enumerate(job["ids"])]

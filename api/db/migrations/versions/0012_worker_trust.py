@@ -1,4 +1,4 @@
-"""worker trust: the untrusted owners whose workers faulted or dropped a generation (it fails
+"""worker trust: what each finished generation cost its requester; the untrusted owners whose workers faulted or dropped a generation or an alchemy form (it fails
 only when several distinct ones did, and they never get it back), the cluster's own failures
 counted apart, maintenance the horde imposes until a time, volunteer nodes' public keys, and
 per-user counters in place of scans of the ledger and of every finished generation
@@ -23,6 +23,15 @@ USER_COUNTERS = (("kudos_accumulated", sa.Double()), ("kudos_gifted", sa.Double(
 
 def upgrade() -> None:
     with op.batch_alter_table("generations") as b:
+        b.add_column(sa.Column("failures", sa.Integer(), nullable=False, server_default="0"))
+        b.add_column(sa.Column("faulted_owners", sa.String(200), nullable=False,
+                               server_default=""))
+        b.add_column(sa.Column("charged", sa.Double(), nullable=True))
+    # What finished generations cost their requesters until now: their price, or nothing
+    # when censored (the horde paid).
+    op.execute("UPDATE generations SET charged = CASE WHEN censored THEN 0 ELSE kudos + tax END "
+               "WHERE state = 'done'")
+    with op.batch_alter_table("interrogation_forms") as b:
         b.add_column(sa.Column("failures", sa.Integer(), nullable=False, server_default="0"))
         b.add_column(sa.Column("faulted_owners", sa.String(200), nullable=False,
                                server_default=""))
@@ -69,4 +78,7 @@ def downgrade() -> None:
     op.drop_column("workers", "maintenance_until")
     op.drop_column("queue_entries", "excluded_owners")
     op.drop_column("generations", "faulted_owners")
+    op.drop_column("generations", "charged")
+    op.drop_column("interrogation_forms", "failures")
+    op.drop_column("interrogation_forms", "faulted_owners")
     op.drop_column("generations", "failures")
