@@ -83,7 +83,9 @@ async def sweep_expired(ctx: Context) -> None:
             await run_in_threadpool(queue.expire, ctx.db, s.max_attempts,
                                     max_consecutive_drops=s.max_consecutive_drops,
                                     maintenance_seconds=s.drop_maintenance_seconds)
-            await run_in_threadpool(alchemy_forms.expire, ctx.db, s.max_attempts)
+            await run_in_threadpool(alchemy_forms.expire, ctx.db, s.max_attempts,
+                                    max_consecutive_drops=s.max_consecutive_drops,
+                                    maintenance_seconds=s.drop_maintenance_seconds)
             await run_in_threadpool(sweep_stale_uploads, ctx)
             # Requests no worker has taken a job of in 20 minutes (api/known_models.py).
             await run_in_threadpool(known_models.expire_unclaimed, ctx)

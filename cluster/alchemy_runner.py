@@ -82,7 +82,7 @@ class AlchemyRunner:
             else:
                 image = await self.postprocess.options(multiplexed_model_id=form.name) \
                     .process.remote(form.name, source, 1.0)
-                key = result_key(form.interrogation_id, form.form_id)
+                key = result_key(form.interrogation_id, form.form_id, form.claim_id)
                 await asyncio.to_thread(self.storage.put, key, image, "image/webp")
             await asyncio.to_thread(self._finish, form, data, key)
             self.completed += 1

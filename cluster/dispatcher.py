@@ -287,7 +287,9 @@ class Dispatcher:
                                             max_consecutive_drops=self.settings.max_consecutive_drops,
                                             maintenance_seconds=self.settings.drop_maintenance_seconds)
                     await asyncio.to_thread(self._delete_ended_sources)
-                    await asyncio.to_thread(alchemy_forms.expire, self.db, self.settings.max_attempts)
+                    await asyncio.to_thread(alchemy_forms.expire, self.db, self.settings.max_attempts,
+                                            max_consecutive_drops=self.settings.max_consecutive_drops,
+                                            maintenance_seconds=self.settings.drop_maintenance_seconds)
                     await asyncio.to_thread(alchemy_forms.delete_ended_sources, self.db, self.storage)
                 if time.monotonic() - last_refresh > REPLICA_COUNT_SECONDS:
                     last_refresh = time.monotonic()

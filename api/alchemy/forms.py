@@ -1,6 +1,11 @@
 """The alchemy queue: interrogation forms claimed, finished (compare-and-set, charged once),
 released and expired, the way api/db/queue.py does it for generations. The cluster's alchemy
-loop and `/interrogate/pop` both claim through `claim_in`, so both share one priority order."""
+loop and `/interrogate/pop` both claim through `claim_in`, so both share one priority order.
+
+Trust, as for generations: a form an untrusted worker faulted, dropped or flagged goes back to
+the queue and never to a worker of that owner again; it fails only when the cluster's own
+runner or `max_attempts` distinct owners have failed it (queue.tally_fault), and the drops
+count toward the worker's horde-imposed maintenance (queue.count_drops)."""
 
 from __future__ import annotations
 
@@ -8,10 +13,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import case, or_, select, update
+from sqlalchemy import or_, select, update
 
 from api import ledger
 from api.alchemy.protocol import FORM_TTL
+from api.db import queue as generations
 from api.db.models import Interrogation, InterrogationForm, Worker
 
 F = InterrogationForm.__table__
@@ -30,6 +36,7 @@ class FormClaimer:
     trusted: bool = False
     slow: bool = False
     priority_user_ids: tuple[int, ...] = ()
+    owner_id: int = -1  # forms its owner's workers failed are not its to claim
 
 
 @dataclass
@@ -53,7 +60,8 @@ def claim_in(session, claimer: FormClaimer, limit: int, now: float) -> list[Clai
     if not claimer.forms or limit <= 0:
         return []
     where = [F.c.state == "waiting", F.c.name.in_(claimer.forms),
-             or_(F.c.name.in_(("caption", "interrogation", "nsfw")), F.c.tiles <= claimer.max_tiles)]
+             or_(F.c.name.in_(("caption", "interrogation", "nsfw")), F.c.tiles <= claimer.max_tiles),
+             ~F.c.faulted_owners.contains(f",{claimer.owner_id},", autoescape=True)]
     if not claimer.trusted:
         where.append(F.c.trusted_only == False)  # noqa: E712
     if claimer.slow:
@@ -110,27 +118,50 @@ def finish_in(session, form_id: str, claim_id: str, *, result: dict | None, resu
     return kudos
 
 
-def _back(reason: str, max_attempts: int) -> dict:
-    give_up = F.c.attempts >= max_attempts
-    return {"state": case((give_up, "faulted"), else_="waiting"),
-            "fault_reason": case((give_up, reason), else_=F.c.fault_reason),
-            "finished_at": case((give_up, time.time()), else_=None),
-            "claim_id": None, "claimed_by": None, "deadline": None}
+def _held(session, *where) -> list[tuple]:
+    stmt = (select(F.c.id, F.c.claim_id, F.c.failures, F.c.faulted_owners, W.c.id, W.c.kind,
+                   W.c.owner_id).select_from(F.outerjoin(W, W.c.id == F.c.claimed_by))
+            .where(F.c.state == "processing", *where))
+    if session.bind.dialect.name == "postgresql":
+        stmt = stmt.with_for_update(of=F, skip_locked=True)
+    return session.execute(stmt).all()
 
 
-def release_in(session, claims: list[tuple[str, str]], reason: str, max_attempts: int) -> int:
-    """Hand claimed forms back to the queue (faulted once out of attempts); a stale claim
+def _hand_back(session, held: list[tuple], reason: str, max_attempts: int, now: float,
+               max_consecutive_drops: int | None, maintenance_seconds: float) -> int:
+    drops = []
+    for form_id, claim_id, failures, owners, holder, kind, owner in held:
+        trusted = kind in (None, "cluster")
+        failures, listed, give_up = generations.tally_fault(failures, owners, trusted, owner,
+                                                            max_attempts)
+        session.execute(update(F).where(F.c.id == form_id, F.c.claim_id == claim_id,
+                                        F.c.state == "processing").values(
+            state="faulted" if give_up else "waiting",
+            fault_reason=reason[:500] if give_up else F.c.fault_reason,
+            finished_at=now if give_up else None, claim_id=None, claimed_by=None, deadline=None,
+            failures=failures, faulted_owners=listed))
+        if not trusted and holder:
+            drops.append(holder)
+    if max_consecutive_drops and drops:
+        generations.count_drops(session, drops, max_consecutive_drops, maintenance_seconds, now)
+    return len(held)
+
+
+def release_in(session, claims: list[tuple[str, str]], reason: str, max_attempts: int,
+               max_consecutive_drops: int | None = None, maintenance_seconds: float = 0.0,
+               now: float | None = None) -> int:
+    """Hand claimed forms back to the queue (see the module's docstring); a stale claim
     changes nothing."""
-    n = 0
-    for form_id, claim_id in claims:
-        n += session.execute(update(F).where(F.c.id == form_id, F.c.claim_id == claim_id,
-                                             F.c.state == "processing")
-                             .values(**_back(reason, max_attempts))).rowcount
-    return n
+    now = time.time() if now is None else now
+    wanted = dict(claims)
+    held = [h for h in _held(session, F.c.id.in_(list(wanted))) if wanted.get(h[0]) == h[1]]
+    return _hand_back(session, held, reason, max_attempts, now, max_consecutive_drops,
+                      maintenance_seconds)
 
 
 def fault_in(session, claims: list[tuple[str, str]], reason: str) -> int:
-    """End claimed forms as faulted at once (input no attempt can run); nothing is charged."""
+    """End claimed forms as faulted at once: input the cluster's own runner refused, which no
+    attempt can run. Nothing is charged. Never for a worker's word (release_in)."""
     n = 0
     for form_id, claim_id in claims:
         n += session.execute(update(F).where(F.c.id == form_id, F.c.claim_id == claim_id,
@@ -140,14 +171,16 @@ def fault_in(session, claims: list[tuple[str, str]], reason: str) -> int:
     return n
 
 
-def expire(db, max_attempts: int, now: float | None = None, worker_id: str | None = None) -> int:
-    """Forms past their deadline (or all held by `worker_id`, whose work is lost) go back."""
+def expire(db, max_attempts: int, now: float | None = None, worker_id: str | None = None,
+           max_consecutive_drops: int | None = None, maintenance_seconds: float = 0.0) -> int:
+    """Forms past their deadline (or all held by `worker_id`, whose work is lost) go back;
+    deadline expiries count as drops against untrusted workers."""
     now = time.time() if now is None else now
-    cond = [F.c.state == "processing",
-            F.c.claimed_by == worker_id if worker_id else F.c.deadline < now]
     with db.write() as session:
-        return session.execute(update(F).where(*cond).values(
-            **_back("worker lost the form" if worker_id else "form expired", max_attempts))).rowcount
+        held = _held(session, F.c.claimed_by == worker_id if worker_id else F.c.deadline < now)
+        return _hand_back(session, held, "worker lost the form" if worker_id else "form expired",
+                          max_attempts, now, None if worker_id else max_consecutive_drops,
+                          maintenance_seconds)
 
 
 def ended_sources(db, limit: int = 100) -> list[tuple[str, str]]:

@@ -30,6 +30,7 @@ from api.db.models import Interrogation, InterrogationForm, User, Worker
 from api.errors import HordeError
 from api.images import Context
 from api.workers import priority_ids, store_result_image, upload_key, worker_for_pop
+from models.postprocess.registry import output_size
 
 
 @dataclass
@@ -46,10 +47,11 @@ class StoredSource:
             storage.delete(self.key)
 
 
-def result_key(interrogation_id: str, form_id: str) -> str:
+def result_key(interrogation_id: str, form_id: str, claim_id: str) -> str:
     """Where a post-processor form's image is kept: written by the API and the cluster's
-    alchemy runner only; workers upload to their claim's `upload_key`."""
-    return f"alchemy/{interrogation_id}/{form_id}.webp"
+    alchemy runner only (workers upload to their claim's `upload_key`), under a key of the
+    claim's own, so a late result never overwrites the one a claim committed."""
+    return f"alchemy/{interrogation_id}/{form_id}-{claim_id}.webp"
 
 
 def served_forms(ctx: Context) -> set[str]:
@@ -175,7 +177,8 @@ def pop(ctx: Context, user: User, body: AlchemyPopInput) -> AlchemyPopResponse:
         worker = worker_for_pop(ctx, session, user, body.name, "interrogation", declared, now)
         claimer = queue.FormClaimer(worker_id=worker.id, forms=list(body.forms),
                                     max_tiles=body.max_tiles, trusted=user.trusted,
-                                    priority_user_ids=priority_ids(body.priority_usernames))
+                                    priority_user_ids=priority_ids(body.priority_usernames),
+                                    owner_id=user.id)
         claimed = queue.claim_in(session, claimer, body.amount, now)
         if not claimed:
             return AlchemyPopResponse(forms=[], skipped=AlchemySkipped(**queue.skipped_in(session, claimer)))
@@ -223,24 +226,28 @@ def submit_result(ctx: Context, user: User, body: AlchemySubmitInput) -> float:
         claim = [(form.id, form.claim_id)]
         upload = upload_key(form.id, form.claim_id)
         uploads = form.name not in CLIP_FORMS
-        if body.state == "faulted":
-            queue.release_in(session, claim, f"worker {worker.name} reported a fault",
-                             ctx.settings.max_attempts)
-            reward = 0.0
-        elif body.state == "csam":
-            queue.fault_in(session, claim, f"worker {worker.name} flagged the source as csam")
+        if body.state in ("faulted", "csam"):
+            # A worker's word never ends a form: it goes to another owner's worker (forms.py).
+            what = "reported a fault" if body.state == "faulted" else "flagged the source as csam"
+            queue.release_in(session, claim, f"worker {worker.name} {what}",
+                             ctx.settings.max_attempts, ctx.settings.max_consecutive_drops,
+                             ctx.settings.drop_maintenance_seconds, now)
             reward = 0.0
         else:
             data, stored_key = None, None
             if not uploads:
                 data = checked_result(form.name, body.result)
             else:
-                stored_key = _stored_image(ctx, body.result, upload,
-                                           result_key(form.interrogation_id, form.id))
+                source = session.get(Interrogation, form.interrogation_id)
+                size = output_size(source.width, source.height, [form.name])
+                stored_key = _stored_image(ctx, body.result, upload, size,
+                                           result_key(form.interrogation_id, form.id, form.claim_id))
             reward = queue.finish_in(session, form.id, form.claim_id, result=data,
                                      result_key=stored_key, worker_id=worker.id,
                                      worker_name=worker.name, owner_id=user.id, now=now)
             if reward is None:
+                if stored_key:
+                    ctx.storage.delete(stored_key)
                 raise HordeError(400, "DuplicateGen", f"id: form {body.id} was already submitted")
     if uploads:
         # Once committed: the result was copied under its final key (or the claim ended), and
@@ -249,7 +256,7 @@ def submit_result(ctx: Context, user: User, body: AlchemySubmitInput) -> float:
     return reward
 
 
-def _stored_image(ctx: Context, result, upload: str, key: str) -> str:
+def _stored_image(ctx: Context, result, upload: str, size: tuple[int, int], key: str) -> str:
     if not isinstance(result, str):
         raise HordeError(400, "BadRequest", "result: a post-processor's result is 'R2' or base64 WebP")
-    return store_result_image(ctx, result, upload, key, "result")
+    return store_result_image(ctx, result, upload, key, "result", {size})

@@ -608,18 +608,28 @@ def owners_of(listed: str) -> list[int]:
     return [int(x) for x in listed.split(",") if x]
 
 
+def tally_fault(failures: int, faulted_owners: str, trusted: bool, owner: int | None,
+                max_attempts: int) -> tuple[int, str, bool]:
+    """A hand-back of work that `owner`'s worker (or, `trusted`, the cluster's replica) held:
+    the failures and owners it leaves, and whether to give up. Untrusted workers count once per
+    owner however often they fail it, so no one volunteer (nor its many workers) can fail
+    someone's request; the cluster's own failures each count."""
+    owners = owners_of(faulted_owners)
+    if trusted:
+        failures += 1
+    elif owner is not None and owner not in owners:
+        owners.append(owner)
+    listed = "".join(f",{o}" for o in owners) + "," if owners else ""
+    return failures, listed, failures + len(owners) >= max_attempts
+
+
 def _hand_back(session, held: list[_Held], reason: str, max_attempts: int, now: float) -> int:
     """Each of `held` back to the queue (keeping its place), or faulted once failures and
-    owners reach max_attempts; the entries follow. A statement or two per generation: hand-
-    backs are rare next to claims."""
+    owners reach max_attempts (tally_fault); the entries follow, excluding the owners that
+    failed it. A statement or two per generation: hand-backs are rare next to claims."""
     for h in held:
-        failures, owners = h.failures, owners_of(h.faulted_owners)
-        if h.trusted:
-            failures += 1
-        elif h.holder_owner not in owners:
-            owners.append(h.holder_owner)
-        listed = "".join(f",{o}" for o in owners) + "," if owners else ""
-        give_up = failures + len(owners) >= max_attempts
+        failures, listed, give_up = tally_fault(h.failures, h.faulted_owners, h.trusted,
+                                                h.holder_owner, max_attempts)
         session.execute(
             update(G).where(G.c.id == h.generation_id, G.c.claim_id == h.claim_id,
                         G.c.state == "processing")
@@ -658,7 +668,7 @@ def release_in(session, claims: list[tuple[str, str]], reason: str, max_attempts
             if wanted.get(h.generation_id) == h.claim_id]
     _hand_back(session, held, reason, max_attempts, now)
     if max_consecutive_drops:
-        _count_drops(session, held, max_consecutive_drops, maintenance_seconds, now)
+        count_drops(session, _untrusted(held), max_consecutive_drops, maintenance_seconds, now)
     return len(held)
 
 
@@ -682,15 +692,19 @@ def expire(db: Database, max_attempts: int, now: float | None = None,
         _hand_back(session, held, "worker lost the job" if worker_id else "job expired",
                    max_attempts, now)
         if worker_id is None and max_consecutive_drops:
-            _count_drops(session, held, max_consecutive_drops, maintenance_seconds, now)
+            count_drops(session, _untrusted(held), max_consecutive_drops, maintenance_seconds, now)
     return len(held)
 
 
-def _count_drops(session, held: list[_Held], limit: int, maintenance_seconds: float,
-                 now: float) -> None:
-    """Drops and faults of untrusted workers, against their consecutive count; at `limit` the
-    worker goes into maintenance the horde imposed, until now + maintenance_seconds."""
-    holders = [h.holder_id for h in held if not h.trusted and h.holder_id]
+def _untrusted(held: list[_Held]) -> list[str]:
+    return [h.holder_id for h in held if not h.trusted and h.holder_id]
+
+
+def count_drops(session, holders: list[str], limit: int, maintenance_seconds: float,
+                now: float) -> None:
+    """Drops and faults of untrusted workers (`holders`, a worker id per drop), against their
+    consecutive count; at `limit` the worker goes into maintenance the horde imposed, until
+    now + maintenance_seconds."""
     for worker, count in sorted({h: holders.count(h) for h in holders}.items()):
         drops = W.c.consecutive_drops + count
         imposed = and_(W.c.maintenance == False, drops >= limit)  # noqa: E712

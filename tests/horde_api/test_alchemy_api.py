@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 
 from api.alchemy.protocol import form_kudos
 from api.db.models import Interrogation, InterrogationForm, User
-from conftest import png_b64, serving_png, png_bytes
+from conftest import png_b64, serving_png, png_bytes, webp_bytes
 from test_economy import assert_ledger_consistent, balances, make_user
 from test_workers import WEBP, upload
 
@@ -63,7 +63,12 @@ def test_forms_run_by_a_worker_and_paid_per_form(client, ctx, alchemist):
                         json={"id": by_form[name]["id"], "result": result, "state": "ok"})
         assert r.status_code == 200, r.text
         rewards[name] = r.json()["reward"]
-    assert upload(client, by_form["RealESRGAN_x2plus"]["r2_upload"]).status_code == 200
+    upscaled = webp_bytes(1280, 1024)  # the 640x512 source, twice the size
+    assert upload(client, by_form["RealESRGAN_x2plus"]["r2_upload"], WEBP).status_code == 200
+    wrong = client.post("/api/v2/interrogate/submit", headers=h,
+                        json={"id": by_form["RealESRGAN_x2plus"]["id"], "result": "R2"})
+    assert wrong.status_code == 400 and wrong.json()["message"].startswith("result"), wrong.text
+    assert upload(client, by_form["RealESRGAN_x2plus"]["r2_upload"], upscaled).status_code == 200
     r = client.post("/api/v2/interrogate/submit", headers=h,
                     json={"id": by_form["RealESRGAN_x2plus"]["id"], "result": "R2", "state": "ok"})
     rewards["RealESRGAN_x2plus"] = r.json()["reward"]
@@ -80,7 +85,7 @@ def test_forms_run_by_a_worker_and_paid_per_form(client, ctx, alchemist):
     assert got["caption"] == {"caption": "a red square"} and got["nsfw"] == {"nsfw": False}
     assert got["interrogation"] == {"interrogation": DETAILS}
     url = got["RealESRGAN_x2plus"]["RealESRGAN_x2plus"]
-    assert client.get(url.split("127.0.0.1:8000", 1)[1]).content == WEBP
+    assert client.get(url.split("127.0.0.1:8000", 1)[1]).content == upscaled
     # Submitting twice is refused and pays nothing more.
     again = client.post("/api/v2/interrogate/submit", headers=h,
                         json={"id": by_form["caption"]["id"], "result": {"caption": "x"}})
@@ -113,6 +118,9 @@ def test_results_are_checked_against_the_form(client, ctx, alchemist):
     # Nothing was recorded: the forms are still held and can be submitted properly.
     r = client.post("/api/v2/interrogate/submit", headers=h,
                     json={"id": forms["GFPGAN"], "result": base64.b64encode(WEBP).decode()})
+    assert r.status_code == 400 and "640x512" in r.json()["message"], r.text  # not the source's size
+    r = client.post("/api/v2/interrogate/submit", headers=h, json={
+        "id": forms["GFPGAN"], "result": base64.b64encode(webp_bytes(640, 512)).decode()})
     assert r.status_code == 200 and r.json()["reward"] == 6.0  # two 512x512 tiles
 
 
@@ -204,13 +212,18 @@ def test_priority_and_cancel(client, ctx, alchemist):
     assert client.get("/api/v2/interrogate/status/nope").status_code == 404
 
 
-def test_faults_retry_then_give_up_and_expiry_returns_forms(client, ctx, alchemist):
+def test_a_form_fails_only_when_distinct_owners_fail_it(client, ctx, alchemist):
+    """An expiry or a fault (or a csam flag) sends a form to another owner's worker, never
+    back to one of the same owner's; max_attempts distinct owners end it as faulted."""
     from api.alchemy import forms
 
     _, h = alchemist
-    rid = ask(client, ["nsfw"]).json()["id"]
-    for attempt in range(ctx.settings.max_attempts):
-        form = pop(client, h, ["nsfw"]).json()["forms"][0]
+    requester, rh = make_user(ctx, "asker", kudos=100)
+    before = balances(ctx)[requester.id]
+    rid = ask(client, ["nsfw"], rh).json()["id"]
+    owners = [h] + [make_user(ctx, f"alchemist{i}")[1] for i in range(2)]
+    for attempt, headers in enumerate(owners):
+        form = pop(client, headers, ["nsfw"], name=f"a{attempt}").json()["forms"][0]
         if attempt == 0:  # an expired claim goes back and the late submit is refused
             with ctx.db.write() as s:
                 s.execute(update(InterrogationForm).values(deadline=0))
@@ -218,13 +231,18 @@ def test_faults_retry_then_give_up_and_expiry_returns_forms(client, ctx, alchemi
             late = client.post("/api/v2/interrogate/submit", headers=h,
                                json={"id": form["id"], "result": {"nsfw": True}})
             assert late.status_code == 400 and late.json()["rc"] == "RequestExpired"
-            continue
-        r = client.post("/api/v2/interrogate/submit", headers=h,
-                        json={"id": form["id"], "result": {}, "state": "faulted"})
-        assert r.json() == {"reward": 0.0}
-    st = client.get(f"/api/v2/interrogate/status/{rid}").json()
-    assert st["state"] == "faulted" and st["forms"][0]["state"] == "faulted"
-    assert pop(client, h, ["nsfw"]).json()["forms"] == []
+        else:
+            r = client.post("/api/v2/interrogate/submit", headers=headers, json={
+                "id": form["id"], "result": {}, "state": "faulted" if attempt == 1 else "csam"})
+            assert r.json() == {"reward": 0.0}
+        # Neither this worker nor another of its owner's gets it back.
+        assert pop(client, headers, ["nsfw"], name=f"a{attempt}").json()["forms"] == []
+        assert pop(client, headers, ["nsfw"], name=f"b{attempt}").json()["forms"] == []
+        st = client.get(f"/api/v2/interrogate/status/{rid}").json()
+        assert (st["state"] == "faulted") == (attempt == 2), st
+    assert st["forms"][0]["state"] == "faulted"
+    assert balances(ctx)[requester.id] == pytest.approx(before)  # nothing was charged
+    assert_ledger_consistent(ctx)
 
 
 def test_others_cannot_submit_and_anonymous_cannot_pop(client, ctx, alchemist):

@@ -76,7 +76,7 @@ def test_pop_upload_submit_pays_the_owner(client, ctx, worker_owner):
     assert st["finished"] == 2 and st["waiting"] == 1
     gens = {g["seed"]: g for g in st["generations"]}
     assert set(gens) == {"40", "41"} and gens["40"]["worker_name"] == "w1"
-    assert client.get(gens["40"]["img"].split("127.0.0.1:8000", 1)[1]).content == WEBP
+    assert client.get(gens["40"]["img"].split("127.0.0.1:8000", 1)[1]).content == result_webp(p)
     # The same job submitted again: DuplicateGen, and no second reward.
     again = client.post("/api/v2/generate/submit", headers=h, json={
         "id": job["ids"][0], "generation": "R2", "state": "ok", "seed": 40})
@@ -112,7 +112,7 @@ def test_inline_base64_submit_and_bad_submits(client, ctx, worker_owner):
     assert r.status_code == 200 and r.json()["reward"] > 0
 
 
-def test_faulted_goes_back_to_the_queue(client, ctx, worker_owner):
+def test_faulted_goes_back_to_the_queue_for_other_owners(client, ctx, worker_owner):
     _, h = worker_owner
     rid = submit(client).json()["id"]
     job = pop(client, h).json()
@@ -120,30 +120,88 @@ def test_faulted_goes_back_to_the_queue(client, ctx, worker_owner):
                     json={"id": job["ids"][0], "state": "faulted", "generation": "Faulted"})
     assert r.status_code == 200 and r.json() == {"reward": 0}
     chk = client.get(f"/api/v2/generate/check/{rid}").json()
-    assert chk["waiting"] == 1 and chk["restarted"] == 0
-    again = pop(client, h).json()
+    assert chk["waiting"] == 1 and chk["restarted"] == 0 and not chk["faulted"]
+    # A worker never gets back a generation it faulted, nor do its owner's other workers.
+    assert pop(client, h).json()["ids"] == []
+    assert pop(client, h, name="w1-twin").json()["ids"] == []
+    _, other = make_user(ctx, "other-volunteer")
+    again = pop(client, other, name="w2").json()
     assert again["ids"] == job["ids"]
     assert client.get(f"/api/v2/generate/check/{rid}").json()["restarted"] == 1
 
 
-def test_censored_and_csam(client, ctx, worker_owner):
+def test_a_request_fails_only_when_distinct_owners_fault_it(client, ctx, worker_owner):
+    """max_attempts (3) distinct owners must fault a generation before its request fails: one
+    griefer with many workers can fault it once, however many times it tries."""
     _, h = worker_owner
-    rid = submit(client, params={"n": 2}).json()["id"]
+    rid = submit(client).json()["id"]
+    owners = [h] + [make_user(ctx, f"faulter{i}")[1] for i in range(2)]
+    for i, headers in enumerate(owners):
+        for name in (f"a{i}", f"b{i}"):  # a second worker of the same owner gets nothing
+            job = pop(client, headers, name=name).json()
+            if name.startswith("b"):
+                assert job["ids"] == []
+                continue
+            assert len(job["ids"]) == 1
+            client.post("/api/v2/generate/submit", headers=headers,
+                        json={"id": job["ids"][0], "state": "faulted", "generation": "x"})
+        chk = client.get(f"/api/v2/generate/check/{rid}").json()
+        assert chk["faulted"] == (i == 2), (i, chk)
+    with ctx.db.read() as s:
+        gen = s.execute(select(Generation).where(Generation.request_id == rid)).scalar_one()
+    assert gen.state == "faulted" and gen.failures == 0
+    assert sorted(queue.owners_of(gen.faulted_owners)) == sorted(
+        u.id for u in _owners_of(ctx, ["volunteer", "faulter0", "faulter1"]))
+
+
+def _owners_of(ctx, names):
+    from api.db.models import User
+    with ctx.db.read() as s:
+        return list(s.execute(select(User).where(User.username.in_(names))).scalars())
+
+
+def test_censored_and_csam_are_paid_by_the_requester(client, ctx, worker_owner):
+    """A state the worker declares never moves kudos from the horde: the requester pays for a
+    censored or csam result as for any other, and sees the placeholder."""
+    owner, h = worker_owner
+    requester, rh = make_user(ctx, "requester", kudos=1000)
+    rid = submit(client, rh, params={"n": 2}).json()["id"]
+    before = balances(ctx)
     job = pop(client, h, amount=2).json()
     for url in job["r2_uploads"]:
-        upload(client, url)
+        upload(client, url, result_webp(job["payload"]))
     a, b = job["ids"]
-    assert client.post("/api/v2/generate/submit", headers=h, json={
-        "id": a, "generation": "R2", "state": "censored", "seed": 1}).status_code == 200
-    assert client.post("/api/v2/generate/submit", headers=h, json={
-        "id": b, "generation": "R2", "state": "csam", "seed": 2}).status_code == 200
+    ra = client.post("/api/v2/generate/submit", headers=h, json={
+        "id": a, "generation": "R2", "state": "censored", "seed": 1})
+    rb = client.post("/api/v2/generate/submit", headers=h, json={
+        "id": b, "generation": "R2", "state": "csam", "seed": 2})
+    assert ra.status_code == 200 and rb.status_code == 200
+    rewards = ra.json()["reward"] + rb.json()["reward"]
+    after = balances(ctx)
+    assert rewards > 0
+    assert after[owner.id] - before[owner.id] == pytest.approx(rewards, abs=0.02)
+    spent = before[requester.id] - after[requester.id]
+    assert spent >= rewards - 0.02  # the job's price (the reward plus the horde's tax)
+    with ctx.db.read() as s:
+        horde = ledger.horde_account_id(s)
+    assert after[horde] >= before[horde]  # the horde never pays for a worker's censored
+    assert_ledger_consistent(ctx)
     gens = {g["id"]: g for g in client.get(f"/api/v2/generate/status/{rid}").json()["generations"]}
     assert gens[a]["censored"] and gens[a]["state"] == "censored"
     assert gens[b]["censored"] and {"type": "censorship", "value": "csam"} in [
         {k: v for k, v in m.items() if v is not None} for m in gens[b]["gen_metadata"]]
-    # The CSAM upload is gone; the requester sees the placeholder.
-    assert not ctx.storage.exists(f"images/{rid}/{b}.webp")
+    # Neither upload is kept, under the worker's upload key or any image key of the request;
+    # the requester sees the placeholder.
+    for url in job["r2_uploads"]:
+        assert not ctx.storage.exists(_upload_key(url))
+    assert ctx.storage.older_keys(f"images/{rid}/", time.time() + 60, 10) == []
+    assert "placeholders/censored.webp" in gens[a]["img"]
     assert "placeholders/censored.webp" in gens[b]["img"]
+
+
+def _upload_key(url: str) -> str:
+    from urllib.parse import urlparse
+    return urlparse(url).path.split("/api/v2/objects/", 1)[1]
 
 
 def test_expired_job_returns_and_late_worker_is_told(client, ctx, worker_owner):
@@ -157,15 +215,21 @@ def test_expired_job_returns_and_late_worker_is_told(client, ctx, worker_owner):
                     json={"id": job["ids"][0], "generation": "R2", "seed": 1})
     assert r.status_code == 400 and r.json()["rc"] == "RequestExpired"
     assert "time to live" in r.json()["message"]
-    assert pop(client, h, name="w2").json()["ids"] == job["ids"]
+    # The owner whose worker let it expire does not get it back; another owner does.
+    assert pop(client, h, name="w2").json()["ids"] == []
+    _, other = make_user(ctx, "other-volunteer")
+    assert pop(client, other, name="w3").json()["ids"] == job["ids"]
 
 
 def test_dropping_jobs_puts_a_worker_into_maintenance(client, ctx, worker_owner):
     owner, h = worker_owner
-    submit(client, params={"n": 5})
+    for _ in range(3):  # an owner never gets back what it dropped: a request per round
+        submit(client, params={"n": 5})
     for _ in range(3):
         job = pop(client, h, amount=5).json()
-        queue.expire(ctx.db, 10, now=time.time() + job["ttl"] + 1, max_consecutive_drops=12)
+        assert len(job["ids"]) == 5
+        queue.expire(ctx.db, 10, now=time.time() + job["ttl"] + 1, max_consecutive_drops=12,
+                     maintenance_seconds=3600)
     r = pop(client, h)
     assert r.status_code == 403 and r.json()["rc"] == "MaintenanceMode"
     wid = next(w["id"] for w in client.get("/api/v2/workers").json() if w["name"] == "w1")
@@ -174,9 +238,34 @@ def test_dropping_jobs_puts_a_worker_into_maintenance(client, ctx, worker_owner)
     _, stranger = make_user(ctx, "stranger")
     assert client.put(f"/api/v2/workers/{wid}", json={"maintenance": False},
                       headers=stranger).status_code == 403
+    # The horde imposed it: the owner cannot lift it before it ends.
+    r = client.put(f"/api/v2/workers/{wid}", json={"maintenance": False}, headers=h)
+    assert r.status_code == 403 and r.json()["rc"] == "MaintenanceImposed"
+    assert pop(client, h).status_code == 403
+    with ctx.db.write() as s:  # an hour later
+        s.execute(update(Worker).where(Worker.name == "w1").values(
+            maintenance_until=time.time() - 1))
     r = client.put(f"/api/v2/workers/{wid}", json={"maintenance": False, "info": "fixed"}, headers=h)
     assert r.status_code == 200 and r.json() == {"maintenance": False, "info": "fixed"}
+    submit(client)
     assert pop(client, h).json()["ids"]
+
+
+def test_faults_count_toward_maintenance(client, ctx, worker_owner):
+    _, h = worker_owner
+    for _ in range(3):
+        submit(client)
+    limit = ctx.settings.max_consecutive_drops
+    for i in range(limit):
+        job = pop(client, h, name="w1").json()
+        if not job["ids"]:
+            submit(client)
+            job = pop(client, h, name="w1").json()
+        r = client.post("/api/v2/generate/submit", headers=h,
+                        json={"id": job["ids"][0], "state": "faulted", "generation": "x"})
+        assert r.status_code == 200
+    r = pop(client, h)
+    assert r.status_code == 403 and r.json()["rc"] == "MaintenanceMode"
 
 
 def test_worker_names_belong_to_their_owner(client, ctx, worker_owner):
@@ -278,7 +367,8 @@ def test_upload_urls_are_signed(client, ctx, worker_owner):
 
 def test_uptime_bonus(client, ctx, worker_owner):
     owner, h = worker_owner
-    submit(client)  # the bonus pays for periods with work for others (test_hardening_economy.py)
+    _, requester = make_user(ctx, "requester", kudos=100)
+    submit(client, requester)  # the bonus pays for periods with work for others
     do_job(client, h)
     with ctx.db.write() as s:  # it popped 10 minutes ago and has been online since
         s.execute(update(Worker).where(Worker.name == "w1").values(
