@@ -1,5 +1,11 @@
 """Object storage behind one interface: a local folder (served by the API itself) or S3 through
-boto3 (any S3-compatible endpoint, presigned GET URLs)."""
+boto3 (any S3-compatible endpoint, presigned GET URLs).
+
+Workers upload results to the API either way (PUT /api/v2/objects/KEY?expires=..&signature=..,
+routes/status.py), which refuses a body over `max_upload_bytes` as it streams in. S3 could cap
+an upload itself only with a presigned POST (`content-length-range`), a multipart form that
+the AI Horde's workers, which PUT raw bytes to `r2_upload`, do not send; a presigned PUT cannot
+bound its size at all. A result is a few MB at most, so relaying it costs little."""
 
 from __future__ import annotations
 
@@ -49,7 +55,24 @@ def upload_signature(secret: str, key: str, expires: int) -> str:
     return hmac.new(secret.encode(), f"PUT:{key}:{expires}".encode(), hashlib.sha256).hexdigest()
 
 
-class LocalStorage:
+class SignedUploads:
+    """The API's upload URLs for a storage: PUT /api/v2/objects/KEY, signed with `secret` for
+    that key until `expires` (see the module's docstring)."""
+
+    public_url: str
+    secret: str
+
+    def upload_url(self, key: str, ttl: int) -> str:
+        expires = int(time.time()) + ttl
+        sig = upload_signature(self.secret, check_key(key), expires)
+        return f"{self.public_url}/api/v2/objects/{key}?expires={expires}&signature={sig}"
+
+    def upload_allowed(self, key: str, expires: int, signature: str) -> bool:
+        good = upload_signature(self.secret, check_key(key), expires)
+        return expires >= time.time() and hmac.compare_digest(good, signature)
+
+
+class LocalStorage(SignedUploads):
     """A folder. The API serves its objects (GET /api/v2/objects/KEY) and takes uploads to
     them on URLs signed with `secret` (PUT /api/v2/objects/KEY?expires=..&signature=..)."""
 
@@ -120,22 +143,14 @@ class LocalStorage:
                 break
         return found
 
-    def upload_url(self, key: str, ttl: int) -> str:
-        expires = int(time.time()) + ttl
-        sig = upload_signature(self.secret, check_key(key), expires)
-        return f"{self.url(key)}?expires={expires}&signature={sig}"
-
-    def upload_allowed(self, key: str, expires: int, signature: str) -> bool:
-        good = upload_signature(self.secret, check_key(key), expires)
-        return expires >= time.time() and hmac.compare_digest(good, signature)
-
-
-class S3Storage:
-    def __init__(self, bucket: str, endpoint_url: str | None, region: str, url_ttl: int):
+class S3Storage(SignedUploads):
+    def __init__(self, bucket: str, endpoint_url: str | None, region: str, url_ttl: int,
+                 public_url: str = "http://127.0.0.1:8000", secret: str = "rayhorde-default-salt"):
         import boto3
 
         self.bucket = bucket
         self.url_ttl = url_ttl
+        self.public_url, self.secret = public_url.rstrip("/"), secret
         self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
 
     def ensure_bucket(self) -> None:
@@ -183,11 +198,6 @@ class S3Storage:
                         return found
         return found
 
-    def upload_url(self, key: str, ttl: int) -> str:
-        return self.client.generate_presigned_url(
-            "put_object", Params={"Bucket": self.bucket, "Key": check_key(key)}, ExpiresIn=ttl,
-        )
-
     def url(self, key: str) -> str:
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": check_key(key)},
@@ -198,6 +208,6 @@ class S3Storage:
 def make_storage(settings: Settings) -> Storage:
     if settings.storage == "s3":
         return S3Storage(
-            settings.s3_bucket, settings.s3_endpoint_url, settings.s3_region, settings.s3_url_ttl
-        )
+            settings.s3_bucket, settings.s3_endpoint_url, settings.s3_region, settings.s3_url_ttl,
+            settings.public_url, settings.key_salt)
     return LocalStorage(settings.storage_dir, settings.public_url, settings.key_salt)

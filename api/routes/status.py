@@ -283,14 +283,12 @@ def get_object(key: str, request: Request):
 @router.put("/objects/{key:path}")
 async def put_object(key: str, request: Request, expires: int = Query(...),
                      signature: str = Query(..., max_length=128)):
-    """Where HTTP workers upload results under local storage: the `r2_upload` URL of a pop,
-    signed for that key (its claim's) until `expires` (the claim's deadline), and at most
-    `max_upload_bytes` long, refused as soon as it is known to be longer. Any content type;
-    answers 200 as S3 does."""
+    """Where HTTP workers upload results (to local storage or relayed to S3, see
+    api/storage.py): the `r2_upload` URL of a pop, signed for that key (its claim's) until
+    `expires` (the claim's deadline), and at most `max_upload_bytes` long, refused as soon as
+    it is known to be longer. Any content type; answers 200 as S3 does."""
     ctx = ctx_of(request)
     storage = ctx.storage
-    if not isinstance(storage, LocalStorage):
-        raise HordeError(404, "NotFound", "uploads go to the object store")
     try:
         # hmac.compare_digest raises TypeError on non-ASCII text: such a signature is no match.
         allowed = signature.isascii() and storage.upload_allowed(key, expires, signature)
