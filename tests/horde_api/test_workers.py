@@ -458,3 +458,27 @@ def test_rate_limits_shared_through_redis(db, tmp_path):
           TestClient(create_app(ctxs[1]), client=peer) as b):
         codes = [c.get(f"/api/v2/generate/check/{rid}").status_code for c in (a, b, a)]
     assert codes == [404, 404, 429]
+
+
+def test_censoring_requests_go_to_trusted_workers_only(client, ctx, worker_owner):
+    """A worker the horde does not trust could simply not censor: requests that ask for
+    censoring (and every education account's, always SFW) wait for a trusted one."""
+    from api.db.models import User
+
+    _, h = worker_owner
+    _, th = make_user(ctx, "trusty", trusted=True)
+    student, sh = make_user(ctx, "student", kudos=100)
+    with ctx.db.write() as s:
+        s.execute(update(User).where(User.id == student.id).values(education=True))
+    censored = submit(client, censor_nsfw=True).json()["id"]
+    schooled = submit(client, sh).json()["id"]
+    r = pop(client, h, name="plain", amount=5).json()
+    assert r["ids"] == [] and r["skipped"] == {"untrusted": 2}
+    got = set()
+    for _ in range(2):
+        job = pop(client, th, name="trusted").json()
+        got |= {job["id"]}
+    with ctx.db.read() as s:
+        owners = dict(s.execute(select(Generation.id, Generation.request_id)
+                                .where(Generation.id.in_(got))).all())
+    assert set(owners.values()) == {censored, schooled}
