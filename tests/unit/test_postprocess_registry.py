@@ -40,3 +40,19 @@ def test_entries_say_where_their_weights_are():
         PostProcessorEntry(name="strip_background", kind="huggingface")
     with pytest.raises(ValueError):
         PostProcessorEntry(name="Waifu2x")
+
+
+def test_the_api_knows_each_upscalers_factor():
+    """api/results.py checks a post-processed result's size with UPSCALE_FACTORS: it must be
+    the factor each built-in upscaler really has, and list every upscaler."""
+    from PIL import Image
+
+    from models.postprocess.registry import UPSCALE_FACTORS, UPSCALERS, output_size
+    from models.postprocess.upscalers import BUILTIN_UPSCALERS, load_upscaler, upscale
+
+    assert set(UPSCALE_FACTORS) == set(UPSCALERS) == set(BUILTIN_UPSCALERS)
+    for name, factory in BUILTIN_UPSCALERS.items():
+        module, scale = load_upscaler(factory())
+        out = upscale(module, scale, Image.new("RGB", (24, 16), (100, 50, 20)))
+        assert scale == UPSCALE_FACTORS[name] and out.size == output_size(24, 16, [name]), name
+    assert output_size(64, 32, ["GFPGAN", "RealESRGAN_x2plus", "strip_background"]) == (128, 64)
