@@ -4,10 +4,16 @@ thin; the rules live here.
 Statement budget (pinned by tests): an image pop is 4 statements whether it hands out work or
 not (user, the worker's update that also reads it, claim candidates, then the claim update or
 the `skipped` count). The worker's update takes the long way (see worker_for_pop) when an
-uptime bonus is paid, 5 more (the worker read, its update, the bonus), and on a new worker's
-first pop, 4 or 5 more (the worker read, its owner's workers counted after locking the owner
-on PostgreSQL, the insert, its update); a submit is 2
-(user, job) plus the finish (compare-and-set, queue entry, speed, ledger, worker counters).
+uptime bonus may be due: the worker read, the bonus's conditional update (_bonus_due), the
+worker's update and, when it won the bonus, the ledger's rows and balance; on a new worker's
+first pop, 4 or 5 more (its owner locked on PostgreSQL and the name read again, its owner's
+workers counted, the insert that does nothing on a name taken meanwhile, the read back); a
+submit is 2 (user, job) plus the result's check (no statement) and the finish
+(compare-and-set, queue entry, speed, ledger, worker counters).
+
+Nothing a worker says is taken on trust: its results are checked images of the job's size
+(api/results.py), its censored states are paid by the requester, its faults hand the job to
+another owner (api/db/queue.py _hand_back) and count toward a maintenance it cannot lift.
 """
 
 from __future__ import annotations
