@@ -5,7 +5,17 @@ shares one priority-ordered queue. The rules that decide whether a worker may ta
 generation are written once, as SQL conditions (`_rules`): `claim()` requires all of them,
 and an empty pop's `skipped` counts which rule stopped each of the first waiting generations.
 Each call is a fixed number of statements that read through the queue's indexes: the cost does
-not grow with the number of waiting generations.
+not grow with the number of waiting generations. A claim's statement is built once per shape
+of claimer (_Shape) and cached; the models, blacklist words and priority users it is given are
+bound as one list parameter each (a PostgreSQL array walked with a LATERAL look-up per model;
+on SQLite a JSON array read by json_each), so its cost is linear in the models offered and its
+text never holds a worker's words.
+
+Trust: a hand-back (fault, drop, expiry) from an untrusted worker excludes its owner from that
+generation and counts once per owner; only the cluster's own replicas' failures count each
+time (tally_fault). Pay (finish_in, _payments): the requester pays what the generation earned
+(for text, scaled by the tokens delivered) plus its tax; only the horde's own safety check
+makes the horde pay instead.
 """
 
 from __future__ import annotations
