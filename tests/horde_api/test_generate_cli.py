@@ -4,7 +4,6 @@ request for a model nobody serves, which expires."""
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
 
@@ -14,11 +13,11 @@ import pytest
 from api.app import create_app
 from cluster import generate_cli
 from cluster.cli import main
-from conftest import free_port, app_server, make_ctx
+from conftest import app_server, free_port, make_ctx, webp_bytes
 from test_economy import make_user
 
 pytestmark = pytest.mark.timeout(120)
-WEBP = base64.b64decode("UklGRiIAAABXRUJQVlA4IBYAAAAwAQCdASoBAAEADsD+JaQAA3AAAAAA")
+WEBP = webp_bytes(64, 64)  # the result of the 64x64 jobs below
 
 
 @pytest.fixture

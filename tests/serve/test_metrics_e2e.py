@@ -17,13 +17,13 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import webp_bytes
 from serve_harness import ROOT, running_cluster, wait_done
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(900)]
 API = "http://127.0.0.1:8000/api/v2"
 ANON = {"apikey": "0000000000", "Client-Agent": "rayhorde-tests:1:none"}
-WEBP = base64.b64encode(base64.b64decode(  # a 1x1 WebP
-    "UklGRiIAAABXRUJQVlA4IBYAAAAwAQCdASoBAAEADsD+JaQAA3AAAAAA")).decode()
+WEBP = base64.b64encode(webp_bytes(64, 64)).decode()  # the result of a 64x64 job
 # Exported names: Ray's `ray_` prefix; counters end in `_total`, histograms in `_count` etc.
 FINISHED = "ray_rayhorde_jobs_finished_total"
 STARTED = "ray_rayhorde_jobs_started_total"

@@ -21,11 +21,10 @@ from api.app import create_app
 from api.auth import hash_api_key
 from api.db import queue
 from api.db.models import Generation, Interrogation, InterrogationForm, User
-from conftest import ROOT, add_request, make_ctx
+from conftest import ROOT, add_request, make_ctx, webp_bytes
 
 pytestmark = pytest.mark.timeout(120)
-WEBP = base64.b64encode(base64.b64decode(  # a 1x1 WebP
-    "UklGRiIAAABXRUJQVlA4IBYAAAAwAQCdASoBAAEADsD+JaQAA3AAAAAA")).decode()
+WEBP = base64.b64encode(webp_bytes(512, 512)).decode()  # the result of a 512x512 job
 ANON = {"apikey": "0000000000"}
 
 FALLBACK = """
