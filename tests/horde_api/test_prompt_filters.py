@@ -317,7 +317,9 @@ def test_screening_costs_no_statement(client, ctx, mod):
     submit(client)
     with count_statements(ctx.db) as c:
         assert submit(client, prompt="a girl on a hill ### castle").status_code == 202
-    assert c.count == 5  # as without filters (test_generate_api): the cache is in memory
+    # As without filters (test_generate_api): the cache is in memory. PostgreSQL takes the
+    # requester's waiting-cap lock first (api/admission.py).
+    assert c.count == (6 if ctx.db.engine.dialect.name == "postgresql" else 5)
 
 
 def test_a_slow_regex_cannot_hold_a_request(client, ctx, mod):
