@@ -103,6 +103,7 @@ class Settings(BaseSettings):
     rate_limit_submit: str = "60/minute"
     rate_limit_poll: str = "600/minute"  # check and status
     rate_limit_pop: str = "300/minute"
+    rate_limit_users: str = "120/minute"  # /find_user, /users, /users/{id} together
     # Submits a minute of registered and trusted users (the AI Horde's 90 and 300), counted per
     # user wherever they call from; `rate_limit_submit` is then the anonymous callers' limit,
     # per address. A tier never gets less than the one below it (api/ratelimit.py).
