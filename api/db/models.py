@@ -475,3 +475,28 @@ class UsageWatermark(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     folded_until: Mapped[float] = mapped_column(Double, default=0.0)
+
+
+class UsageMinute(Base):
+    """Finished generations per kind and minute since the epoch, folded in with the hourly
+    buckets (api/usage_stats.py) for the last hour's totals, so they need no generation rows
+    (the retention sweep deletes those). Rows older than two hours go."""
+
+    __tablename__ = "usage_minutes"
+
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    generations: Mapped[int] = mapped_column(BigInteger, default=0)
+    megapixelsteps: Mapped[float] = mapped_column(Double, default=0.0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class RetentionCursor(Base):
+    """One row (id 1): where the retention sweep (api/retention.py) has read the ended
+    generations to, in (finished_at, id) order."""
+
+    __tablename__ = "retention_cursor"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    finished_at: Mapped[float] = mapped_column(Double, default=0.0)
+    generation_id: Mapped[str] = mapped_column(String(36), default="")
