@@ -226,3 +226,26 @@ def test_older_keys_is_a_bounded_walk(tmp_path, monkeypatch):
     for i in range(10):
         os.utime(st.path(f"uploads/job{i + 200:03d}/claim.webp"), (old, old))
     assert len(st.older_keys("uploads", time.time() - 60, 4)) <= 4
+
+
+def test_a_shared_keys_request_is_settled_before_it_goes(api, ctx):
+    """A key is charged lazily, when next used: a request of it swept first is folded into
+    it by the sweep, so the key still shows what the request cost."""
+    from api.db.models import SharedKeyRequest
+    from test_clients_endpoints import create_key, key_headers
+
+    _, h = make_user(ctx, "lender", kudos=200)
+    _, wh = make_user(ctx, "volunteer")
+    key = create_key(api, h, kudos=100).json()
+    r = submit(api, key_headers(key), params={"steps": 10})
+    assert r.status_code == 202
+    rid, cost = r.json()["id"], r.json()["kudos"]
+    do_job(api, wh)
+    age(ctx, rid, RETENTION + 10)
+    with ctx.db.read() as s:
+        assert s.get(SharedKeyRequest, rid) is not None  # not settled yet
+    assert retention.sweep(ctx) == 1
+    shown = api.get(f"/api/v2/sharedkeys/{key['id']}").json()
+    assert (shown["utilized"], shown["kudos"]) == (round(cost), round(100 - cost))
+    assert api.get(f"/api/v2/generate/check/{rid}").status_code == 404
+    assert_ledger_consistent(ctx)
