@@ -311,7 +311,8 @@ class InterrogationForm(Base):
 
     __table_args__ = (Index("ix_forms_claim", "state", "name", "sort_key"),
                       Index("ix_forms_state_deadline", "state", "deadline"),
-                      Index("ix_forms_requester_state", "requester", "state"))
+                      Index("ix_forms_requester_state", "requester", "state"),
+                      Index("ix_forms_finished_at", "finished_at"))  # the retention sweep
 
 
 # What the partial indexes ix_queue_claim and ix_queue_sort (below) hold: a query that reads
@@ -492,11 +493,11 @@ class UsageMinute(Base):
 
 
 class RetentionCursor(Base):
-    """One row (id 1): where the retention sweep (api/retention.py) has read the ended
-    generations to, in (finished_at, id) order."""
+    """Where the retention sweep (api/retention.py) has read the ended jobs to, in
+    (finished_at, id) order: row 1 the generations, row 2 the alchemy forms."""
 
     __tablename__ = "retention_cursor"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     finished_at: Mapped[float] = mapped_column(Double, default=0.0)
-    generation_id: Mapped[str] = mapped_column(String(36), default="")
+    row_id: Mapped[str] = mapped_column(String(36), default="")

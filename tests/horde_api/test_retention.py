@@ -15,7 +15,7 @@ from sqlalchemy import func, select, update
 from api import retention
 from api.app import create_app
 from api.db import queue
-from api.db.models import Generation, KudosEntry, Request
+from api.db.models import Generation, InterrogationForm, KudosEntry, Request
 from api.storage import LocalStorage, VISIT_FACTOR
 from conftest import add_request, make_ctx
 from test_economy import assert_ledger_consistent, make_user, submit
@@ -248,4 +248,28 @@ def test_a_shared_keys_request_is_settled_before_it_goes(api, ctx):
     shown = api.get(f"/api/v2/sharedkeys/{key['id']}").json()
     assert (shown["utilized"], shown["kudos"]) == (round(cost), round(100 - cost))
     assert api.get(f"/api/v2/generate/check/{rid}").status_code == 404
+    assert_ledger_consistent(ctx)
+
+
+def test_ended_interrogations_go_with_their_results(api, ctx):
+    from api.alchemy.service import result_key
+    from test_alchemy_api import ask
+    from test_alchemy_api import pop as alchemy_pop
+
+    _, h = make_user(ctx, "alchemist")
+    done = ask(api, ["caption"]).json()["id"]
+    form = alchemy_pop(api, h, ["caption"]).json()["forms"][0]
+    assert api.post("/api/v2/interrogate/submit", headers=h, json={
+        "id": form["id"], "result": {"caption": "c"}}).status_code == 200
+    waiting = ask(api, ["caption"]).json()["id"]
+    # A post-processor's stored result (as service.submit stores one).
+    key = result_key(done, form["id"])
+    ctx.storage.put(key, b"webp", "image/webp")
+    with ctx.db.write() as s:
+        s.execute(update(InterrogationForm).where(InterrogationForm.interrogation_id == done)
+                  .values(finished_at=time.time() - RETENTION - 10, result_key=key))
+    assert retention.sweep(ctx) == 1
+    assert api.get(f"/api/v2/interrogate/status/{done}").status_code == 404
+    assert api.get(f"/api/v2/interrogate/status/{waiting}").status_code == 200
+    assert not ctx.storage.exists(key) and not (ctx.storage.root / key).parent.exists()
     assert_ledger_consistent(ctx)

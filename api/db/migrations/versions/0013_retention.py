@@ -1,5 +1,6 @@
-"""retention: the retention sweep's cursor over ended generations, and per-minute usage
-counters for the last hour's totals once the generation rows are deleted
+"""retention: the retention sweep's cursors over ended generations and alchemy forms (and an
+index on the forms' finish time to read them by), and per-minute usage counters for the last
+hour's totals once the generation rows are deleted
 
 Revision ID: 0013
 Revises: 0012
@@ -27,10 +28,12 @@ def upgrade() -> None:
         "retention_cursor",
         sa.Column("id", sa.Integer(), primary_key=True),
         sa.Column("finished_at", sa.Double(), nullable=False),
-        sa.Column("generation_id", sa.String(36), nullable=False),
+        sa.Column("row_id", sa.String(36), nullable=False),
     )
     # From the start of history: a deployment upgraded with old ended requests prunes them too.
-    op.bulk_insert(cursor, [{"id": 1, "finished_at": 0.0, "generation_id": ""}])
+    op.bulk_insert(cursor, [{"id": 1, "finished_at": 0.0, "row_id": ""},
+                            {"id": 2, "finished_at": 0.0, "row_id": ""}])
+    op.create_index("ix_forms_finished_at", "interrogation_forms", ["finished_at"])
     # The last hour's generations that are folded already (so before the minute counters
     # existed) are counted into them, so the hour's totals stay right across the upgrade.
     bind = op.get_bind()
@@ -51,5 +54,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_forms_finished_at", table_name="interrogation_forms")
     op.drop_table("retention_cursor")
     op.drop_table("usage_minutes")
