@@ -1,7 +1,7 @@
 """Retention: ended requests (image, text and alchemy) are deleted
 `finished_retention_seconds` after their last generation (or form) ended (done, faulted,
-cancelled, or expired unclaimed), with their generations, result images and sources, as the AI Horde forgets requests minutes after they are done; their
-status then answers 404 like any unknown id. What they counted for stays: kudos live in the
+cancelled, or expired unclaimed), with their generations, result images and sources, as the
+AI Horde forgets requests minutes after they are done; their status then answers 404 like any unknown id. What they counted for stays: kudos live in the
 ledger (never pruned; its rows name generations by id in `ref`, not by foreign key) and in the
 users' counters (api/ledger.py), the /stats numbers in the usage counters, which each pass folds
 first and never overtakes (api/usage_stats.py).
@@ -21,7 +21,6 @@ no error), so nothing is left in storage that no row points to."""
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -41,7 +40,6 @@ from api.db.models import (
     SharedKeyRequest,
 )
 
-log = logging.getLogger("rayhorde.retention")
 LIVE = ("waiting", "processing")
 # Objects more than one generation may show (api/workers.py censored_placeholder): never
 # deleted with a request.
@@ -83,7 +81,8 @@ def _sweep_kind(ctx, session, kind: _Kind, cutoff: float, limit: int) -> int:
                                    .where(C.id == kind.cursor).with_for_update()).one()
     rows = session.execute(
         select(J.finished_at, J.id, parent_of.label("parent"))
-        .where(J.finished_at >= at, J.finished_at < cutoff, or_(J.finished_at > at, J.id > after_id))
+        .where(J.finished_at >= at, J.finished_at < cutoff,
+               or_(J.finished_at > at, J.id > after_id))
         .order_by(J.finished_at, J.id).limit(limit)).all()
     if not rows:
         return 0
