@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import known_models
+from api import known_models, retention
 from api.alchemy import forms as alchemy_forms
 from api.alchemy.router import router as alchemy_router
 from api.db import queue
@@ -72,8 +72,9 @@ class _TooLarge(Exception):
 
 
 async def sweep_expired(ctx: Context) -> None:
-    """Hand claims past their deadline back to the queue, and delete the uploads of ended
-    claims (api/upload_sweep.py), every `expire_every_seconds`. Each
+    """Hand claims past their deadline back to the queue, delete the uploads of ended claims
+    (api/upload_sweep.py), the sources of ended requests and the requests past their
+    retention (api/retention.py), every `expire_every_seconds`. Each
     API replica runs this (the update is idempotent), so expiry works whether or not the
     cluster runs a dispatcher; its cost follows the number of claims, not the queue."""
     s = ctx.settings
@@ -89,6 +90,7 @@ async def sweep_expired(ctx: Context) -> None:
             await run_in_threadpool(sweep_stale_uploads, ctx)
             # Requests no worker has taken a job of in 20 minutes (api/known_models.py).
             await run_in_threadpool(known_models.expire_unclaimed, ctx)
+            await run_in_threadpool(retention.run, ctx)
         except Exception:
             log.exception("sweeping expired claims failed; retrying")
 
@@ -144,4 +146,4 @@ def context_from_settings(settings) -> Context:
 def make_limiter(settings) -> RateLimiter:
     return RateLimiter(settings.rate_limit_storage, {
         "submit": settings.rate_limit_submit, "poll": settings.rate_limit_poll,
-        "pop": settings.rate_limit_pop})
+        "pop": settings.rate_limit_pop, "users": settings.rate_limit_users})

@@ -103,6 +103,7 @@ class Settings(BaseSettings):
     rate_limit_submit: str = "60/minute"
     rate_limit_poll: str = "600/minute"  # check and status
     rate_limit_pop: str = "300/minute"
+    rate_limit_users: str = "120/minute"  # /find_user, /users, /users/{id} together
     # Submits a minute of registered and trusted users (the AI Horde's 90 and 300), counted per
     # user wherever they call from; `rate_limit_submit` is then the anonymous callers' limit,
     # per address. A tier never gets less than the one below it (api/ratelimit.py).
@@ -121,6 +122,15 @@ class Settings(BaseSettings):
     # Bytes of images one status answer carries inline (requests with `r2: false`): past
     # them, its other images come as URLs, so one answer never grows without bound.
     max_inline_status_bytes: int = Field(16 * 1024 * 1024, ge=0)
+
+    # Retention (api/retention.py): a request that has ended (done, faulted, cancelled or
+    # expired) is deleted this long after its last generation ended, with its images and
+    # sources, as the AI Horde forgets requests minutes after they are done (and its R2 image
+    # links last 30 minutes); its status then answers 404. Kudos, the users' counters and the
+    # /stats numbers stay. Each pass of the API's sweep deletes at most
+    # `retention_sweep_limit` requests (passes run every `expire_every_seconds`).
+    finished_retention_seconds: float = Field(1800.0, ge=120)
+    retention_sweep_limit: int = Field(200, ge=1, le=10_000)
 
     # Models beyond the cluster's own (api/known_models.py). A request for a model of the AI
     # Horde's model reference that nobody serves waits for an HTTP volunteer; when no worker has

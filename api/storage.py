@@ -23,6 +23,8 @@ from typing import Protocol
 from api.settings import Settings
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9._/-]+$")
+# LocalStorage.older_keys looks at no more than this many entries per key it may return.
+VISIT_FACTOR = 20
 
 
 def check_key(key: str) -> str:
@@ -85,11 +87,22 @@ class LocalStorage(SignedUploads):
     def path(self, key: str) -> Path:
         return self.root / check_key(key)
 
+    def _in_folder(self, target: Path, make):
+        """`make()` (which creates a file in target's folder), the folder made first. A delete
+        removing the folder as empty between the two (see delete) is met by making it again."""
+        for attempt in range(3):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                return make()
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+
     def put(self, key: str, data: bytes, content_type: str) -> None:
         target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
         # Write then rename: a reader never sees half an image, even if this process dies.
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        fd, tmp = self._in_folder(target, lambda: tempfile.mkstemp(dir=target.parent,
+                                                                   prefix=".tmp-"))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, target)
@@ -101,7 +114,17 @@ class LocalStorage(SignedUploads):
         return self.path(key).is_file()
 
     def delete(self, key: str) -> None:
-        self.path(key).unlink(missing_ok=True)
+        """Delete the object, then its folders up to the root that it leaves empty (one per
+        request under images/, per job under uploads/): none are left for walks to step over."""
+        path = self.path(key)
+        path.unlink(missing_ok=True)
+        folder = path.parent
+        while folder != self.root and self.root in folder.parents:
+            try:
+                folder.rmdir()  # only ever removes an empty folder
+            except OSError:  # not empty (or already gone): its parents are not empty either
+                break
+            folder = folder.parent
 
     def size(self, key: str) -> int | None:
         try:
@@ -111,36 +134,58 @@ class LocalStorage(SignedUploads):
 
     def copy(self, src: str, dst: str) -> None:
         source, target = self.path(src), self.path(dst)
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
-        try:
-            # A second name for the same file: instant, and a later put() to `src` (a new file
-            # renamed over it) leaves this one's bytes alone.
-            os.link(source, tmp)
-        except OSError:
-            if not source.is_file():
+
+        def make() -> None:
+            try:
+                # A second name for the same file: instant, and a later put() to `src` (a new
+                # file renamed over it) leaves this one's bytes alone.
+                os.link(source, tmp)
+            except FileNotFoundError:
                 raise
-            shutil.copyfile(source, tmp)
+            except OSError:
+                if not source.is_file():
+                    raise
+                shutil.copyfile(source, tmp)
+
+        if not source.is_file():
+            raise FileNotFoundError(src)
+        self._in_folder(target, make)
         os.replace(tmp, target)
 
     def url(self, key: str) -> str:
         return f"{self.public_url}/api/v2/objects/{check_key(key)}"
 
     def older_keys(self, prefix: str, older_than: float, limit: int) -> list[str]:
+        """A bounded walk: it stops at `limit` keys found or `VISIT_FACTOR * limit` entries
+        looked at, whichever comes first, so a pass never walks a whole large tree (what is
+        not reached this pass is after the objects the sweep deletes, reached by a later one;
+        delete leaves no empty folders to step over)."""
         base = self.path(prefix)
-        if not base.is_dir():
-            return []
-        found = []
-        for path in base.rglob("*"):
-            if path.name.startswith(".tmp-") or not path.is_file():
-                continue
+        found: list[str] = []
+        budget = VISIT_FACTOR * limit
+        folders = [base]
+        while folders and len(found) < limit and budget > 0:
             try:
-                if path.stat().st_mtime < older_than:
-                    found.append(path.relative_to(self.root).as_posix())
-            except FileNotFoundError:  # deleted meanwhile
+                entries = os.scandir(folders.pop())
+            except (FileNotFoundError, NotADirectoryError):  # deleted meanwhile
                 continue
-            if len(found) >= limit:
-                break
+            with entries:
+                for entry in entries:
+                    budget -= 1
+                    if entry.name.startswith(".tmp-"):
+                        pass
+                    elif entry.is_dir(follow_symlinks=False):
+                        folders.append(Path(entry.path))
+                    else:
+                        try:
+                            if entry.is_file(follow_symlinks=False) and \
+                                    entry.stat().st_mtime < older_than:
+                                found.append(Path(entry.path).relative_to(self.root).as_posix())
+                        except FileNotFoundError:  # deleted meanwhile
+                            pass
+                    if len(found) >= limit or budget <= 0:
+                        break
         return found
 
 class S3Storage(SignedUploads):

@@ -8,7 +8,11 @@ each generation is counted once. Generations that finished in the last FOLD_LAG_
 left to a later fold (they are read live meanwhile), so one whose finishing transaction
 commits a little after it stamped `finished_at` is never skipped.
 
-Day and month windows are counted to the hour (the current hour and the 24, or 720, before).
+Day and month windows are counted to the hour (the current hour and the 24, or 720, before);
+the last hour to the minute, from per-minute counters (`usage_minutes`) the fold keeps for the
+last two hours. The last minute is always read live: the fold leaves it alone, and the
+retention sweep (api/retention.py) deletes generations only once they are folded, so no
+number here drops when it does.
 Text "tokens" are the tokens generated (as the cluster's engine counted them, or from an HTTP
 worker's text as it is paid for them), else those asked for (which is what the AI Horde counts).
 """
@@ -23,12 +27,13 @@ from sqlalchemy import BigInteger, case, cast, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from api.db.models import Generation, Request, UsageBucket, UsageWatermark
+from api.db.models import Generation, Request, UsageBucket, UsageMinute, UsageWatermark
 
 LIFETIME_HOUR = -1
 FOLD_LAG_SECONDS = 60.0
 DAY_HOURS, MONTH_HOURS = 24, 30 * 24
 KEEP_HOURS = MONTH_HOURS + 24  # hourly rows older than this are deleted by the fold
+KEEP_MINUTES = 120  # per-minute rows older than this, too
 PERIODS = ("day", "month", "total")
 
 
@@ -44,12 +49,12 @@ class Usage:
         self.tokens += int(tokens or 0)
 
 
-def _hour_of(session, seconds):
-    """The hour since the epoch that `seconds` falls in, in SQL: floor division (PostgreSQL
-    rounds when it casts a double; SQLite truncates, which is floor for positive times)."""
+def _hour_of(session, seconds, span: int = 3600):
+    """The hour (or `span`) since the epoch that `seconds` falls in, in SQL: floor division
+    (PostgreSQL rounds when it casts a double; SQLite truncates, floor for positive times)."""
     if session.bind.dialect.name == "postgresql":
-        return cast(func.floor(seconds / 3600), BigInteger)
-    return cast(seconds / 3600, BigInteger)
+        return cast(func.floor(seconds / span), BigInteger)
+    return cast(seconds / span, BigInteger)
 
 
 def _tokens():
@@ -60,11 +65,12 @@ def _tokens():
                          Request.params["max_length"].as_integer(), 0)
 
 
-def _finished(session, since: float, until: float | None = None, kind: str | None = None):
-    """Generations done in [since, until), summed per (kind, model, hour); read through
-    ix_generations_finished_at."""
+def _finished(session, since: float, until: float | None = None, kind: str | None = None,
+              span: int = 3600):
+    """Generations done in [since, until), summed per (kind, model, hour) (or `span`); read
+    through ix_generations_finished_at."""
     G, R = Generation, Request
-    hour = _hour_of(session, G.finished_at).label("hour")
+    hour = _hour_of(session, G.finished_at, span).label("hour")
     stmt = (select(R.kind, G.model, hour, func.count(), func.sum(G.megapixelsteps),
                    func.sum(_tokens()))
             .join(R, R.id == G.request_id)
@@ -101,8 +107,27 @@ def fold(session, now: float | None = None) -> float:
                   "megapixelsteps": B.c.megapixelsteps + u.megapixelsteps,
                   "tokens": B.c.tokens + u.tokens}))
     session.execute(delete(B).where(B.c.hour >= 0, B.c.hour < int(now // 3600) - KEEP_HOURS))
+    _fold_minutes(session, max(folded, now - KEEP_MINUTES * 60), until, now, insert)
     session.execute(update(W).where(W.id == 1).values(folded_until=until))
     return until
+
+
+def _fold_minutes(session, since: float, until: float, now: float, insert) -> None:
+    """The per-minute counters of [since, until) (all models together), older ones dropped."""
+    sums: dict[tuple[str, int], Usage] = defaultdict(Usage)
+    if since < until:
+        for kind, _model, minute, n, mps, tokens in _finished(session, since, until, span=60):
+            sums[(kind, int(minute))].add(n, mps, tokens)
+    M = UsageMinute.__table__
+    for (kind, minute), u in sorted(sums.items()):
+        stmt = insert(M).values(kind=kind, minute=minute, generations=u.generations,
+                                megapixelsteps=u.megapixelsteps, tokens=u.tokens)
+        session.execute(stmt.on_conflict_do_update(
+            index_elements=[M.c.kind, M.c.minute],
+            set_={"generations": M.c.generations + u.generations,
+                  "megapixelsteps": M.c.megapixelsteps + u.megapixelsteps,
+                  "tokens": M.c.tokens + u.tokens}))
+    session.execute(delete(M).where(M.c.minute < int(now // 60) - KEEP_MINUTES))
 
 
 def per_model(session, kind: str, folded_until: float, now: float) -> dict[str, dict[str, Usage]]:
@@ -130,8 +155,8 @@ def per_model(session, kind: str, folded_until: float, now: float) -> dict[str, 
 
 
 def recent(session, kind: str, seconds: float, now: float) -> Usage:
-    """`kind`'s generations finished in the last `seconds` (an hour at most: a range read of
-    ix_generations_finished_at)."""
+    """`kind`'s generations finished in the last `seconds` (a minute at most, which no fold
+    or sweep has touched: a range read of ix_generations_finished_at)."""
     G, R = Generation, Request
     n, mps, tokens = session.execute(
         select(func.count(), func.sum(G.megapixelsteps), func.sum(_tokens()))
@@ -142,9 +167,24 @@ def recent(session, kind: str, seconds: float, now: float) -> Usage:
     return usage
 
 
+def past_hour(session, kind: str, folded_until: float, now: float) -> Usage:
+    """`kind`'s generations finished in the last hour: the per-minute counters of the minutes
+    that start in it, and the generations finished since `folded_until`."""
+    M = UsageMinute
+    n, mps, tokens = session.execute(
+        select(func.sum(M.generations), func.sum(M.megapixelsteps), func.sum(M.tokens))
+        .where(M.kind == kind, M.minute >= -(-(now - 3600) // 60))).one()
+    usage = Usage()
+    usage.add(n, mps, tokens)
+    for _kind, _model, _hour, n, mps, tokens in _finished(session, folded_until, kind=kind):
+        usage.add(n, mps, tokens)
+    return usage
+
+
 def totals(session, kind: str, folded_until: float, now: float) -> dict[str, Usage]:
     """{"minute", "hour", "day", "month", "total": Usage} over all of `kind`'s models."""
-    out = {"minute": recent(session, kind, 60, now), "hour": recent(session, kind, 3600, now)}
+    out = {"minute": recent(session, kind, 60, now),
+           "hour": past_hour(session, kind, folded_until, now)}
     for period in PERIODS:
         out[period] = Usage()
     for usage in per_model(session, kind, folded_until, now).values():

@@ -29,6 +29,25 @@ class ContributionsDetails(BaseModel):
     fulfillments: int = 0
 
 
+class ThingRecords(BaseModel):
+    megapixelsteps: float = 0.0
+    tokens: int = 0
+
+
+class AmountRecords(BaseModel):
+    image: int = 0
+    text: int = 0
+    interrogation: int = 0
+
+
+class UserRecords(BaseModel):
+    """What the user used (generations finished for it) and what its workers contributed."""
+
+    usage: ThingRecords
+    contribution: ThingRecords
+    fulfillment: AmountRecords
+
+
 class ActiveGenerations(BaseModel):
     image: list[str] = Field(default_factory=list)
 
@@ -52,6 +71,7 @@ class UserDetails(BaseModel):
     kudos_details: KudosDetails
     usage: UsageDetails
     contributions: ContributionsDetails
+    records: UserRecords
     active_generations: ActiveGenerations | None = None
 
 

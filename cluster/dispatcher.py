@@ -286,11 +286,9 @@ class Dispatcher:
                     await asyncio.to_thread(queue.expire, self.db, self.settings.max_attempts,
                                             max_consecutive_drops=self.settings.max_consecutive_drops,
                                             maintenance_seconds=self.settings.drop_maintenance_seconds)
-                    await asyncio.to_thread(self._delete_ended_sources)
                     await asyncio.to_thread(alchemy_forms.expire, self.db, self.settings.max_attempts,
                                             max_consecutive_drops=self.settings.max_consecutive_drops,
                                             maintenance_seconds=self.settings.drop_maintenance_seconds)
-                    await asyncio.to_thread(alchemy_forms.delete_ended_sources, self.db, self.storage)
                 if time.monotonic() - last_refresh > REPLICA_COUNT_SECONDS:
                     last_refresh = time.monotonic()
                     replicas = await asyncio.to_thread(self._replica_counts)
@@ -561,16 +559,6 @@ class Dispatcher:
                 if dep is not None:
                     counts[family] = dep.replica_states.get("RUNNING", 0)
         return counts
-
-    def _delete_ended_sources(self) -> None:
-        """Source images and masks live as long as their request has work left (a retry, or a
-        worker elsewhere, reads the same bytes); then they are deleted."""
-        ended = queue.ended_sources(self.db)
-        for _, keys in ended:
-            for key in keys:
-                if self.storage.exists(key):
-                    self.storage.delete(key)
-        queue.forget_sources(self.db, [request_id for request_id, _ in ended])
 
     def _store(self, route: FamilyRoute, batch: list[queue.ClaimedJob], result: dict) -> None:
         worker_id, worker_name, owner_id = self._credit(route, result.get("node_id"))

@@ -311,7 +311,8 @@ class InterrogationForm(Base):
 
     __table_args__ = (Index("ix_forms_claim", "state", "name", "sort_key"),
                       Index("ix_forms_state_deadline", "state", "deadline"),
-                      Index("ix_forms_requester_state", "requester", "state"))
+                      Index("ix_forms_requester_state", "requester", "state"),
+                      Index("ix_forms_finished_at", "finished_at"))  # the retention sweep
 
 
 # What the partial indexes ix_queue_claim and ix_queue_sort (below) hold: a query that reads
@@ -475,3 +476,28 @@ class UsageWatermark(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     folded_until: Mapped[float] = mapped_column(Double, default=0.0)
+
+
+class UsageMinute(Base):
+    """Finished generations per kind and minute since the epoch, folded in with the hourly
+    buckets (api/usage_stats.py) for the last hour's totals, so they need no generation rows
+    (the retention sweep deletes those). Rows older than two hours go."""
+
+    __tablename__ = "usage_minutes"
+
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    generations: Mapped[int] = mapped_column(BigInteger, default=0)
+    megapixelsteps: Mapped[float] = mapped_column(Double, default=0.0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class RetentionCursor(Base):
+    """Where the retention sweep (api/retention.py) has read the ended jobs to, in
+    (finished_at, id) order: row 1 the generations, row 2 the alchemy forms."""
+
+    __tablename__ = "retention_cursor"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    finished_at: Mapped[float] = mapped_column(Double, default=0.0)
+    row_id: Mapped[str] = mapped_column(String(36), default="")

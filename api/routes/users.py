@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from api import users
 from api.db.models import IdempotencyKey, User
 from api.errors import HordeError
-from api.routes.deps import authenticate, ctx_of, registered
+from api.routes.deps import authenticate, ctx_of, rate_limited, registered
 from api.user_schemas import (
     KudosTransferInput,
     KudosTransferResponse,
@@ -21,9 +21,13 @@ from api.user_schemas import (
 
 router = APIRouter(tags=["users"])
 UserIdPath = Path(ge=0, le=MAX_USER_ID)
+# The user records, counted together per key or address (settings.rate_limit_users): cheap
+# now (api/users.py reads counters), but a page of /users is still 25 records.
+users_limit = [Depends(rate_limited("users"))]
 
 
-@router.get("/find_user", response_model=UserDetails, response_model_exclude_none=True)
+@router.get("/find_user", response_model=UserDetails, response_model_exclude_none=True,
+            dependencies=users_limit)
 def find_user(request: Request, apikey: str | None = Header(None)):
     ctx = ctx_of(request)
     with ctx.db.read() as session:
@@ -31,20 +35,22 @@ def find_user(request: Request, apikey: str | None = Header(None)):
         return users.details(ctx, session, user, private=True)
 
 
-@router.get("/users", response_model=list[UserDetails], response_model_exclude_none=True)
+@router.get("/users", response_model=list[UserDetails], response_model_exclude_none=True,
+            dependencies=users_limit)
 def list_users(request: Request, page: int = Query(1, ge=1, le=10**6),
                sort: str = Query("kudos", pattern="^(kudos|age)$")):
-    """25 users a page, by kudos (highest first) or by age (oldest first)."""
+    """25 users a page, by kudos (highest first) or by age (oldest first): two statements."""
     ctx = ctx_of(request)
     order = (User.kudos.desc(), User.id) if sort == "kudos" else (User.id,)
     with ctx.db.read() as session:
         page_users = session.execute(select(User).order_by(*order)
                                      .offset((page - 1) * users.PAGE_SIZE)
                                      .limit(users.PAGE_SIZE)).scalars().all()
-        return [users.details(ctx, session, u, private=False) for u in page_users]
+        return users.details_of(ctx, session, page_users, private=False)
 
 
-@router.get("/users/{user_id}", response_model=UserDetails, response_model_exclude_none=True)
+@router.get("/users/{user_id}", response_model=UserDetails, response_model_exclude_none=True,
+            dependencies=users_limit)
 def get_user(request: Request, user_id: int = UserIdPath, apikey: str | None = Header(None)):
     ctx = ctx_of(request)
     with ctx.db.read() as session:

@@ -74,6 +74,8 @@ def _request_of(ctx, gid) -> str:
 
 
 def test_sources_are_deleted_once_their_request_has_nothing_left_to_do(client, ctx):
+    """By the API's sweep (api/retention.py), so deployments without a dispatcher too."""
+    from api import retention
     from test_image_workflows_api import SOURCE, b64, stored_objects
 
     d = dispatcher_over(ctx)
@@ -85,14 +87,14 @@ def test_sources_are_deleted_once_their_request_has_nothing_left_to_do(client, c
         from api.db.models import Request
 
         source = s.get(Request, rid).source_image_key
-    d._delete_ended_sources()  # both still waiting: kept
+    retention.delete_ended_sources(ctx)  # both still waiting: kept
     assert stored_objects(ctx) == [source]
     claims, gid = claim_one(ctx)
     asyncio.run(d._failed(None, claims, JobRejected("bad")))
-    d._delete_ended_sources()  # one faulted, one still waiting: kept
+    retention.delete_ended_sources(ctx)  # one faulted, one still waiting: kept
     assert stored_objects(ctx) == [source]
     assert client.delete(f"/api/v2/generate/status/{rid}").status_code == 200
-    d._delete_ended_sources()  # cancelled: nothing left to generate
+    retention.delete_ended_sources(ctx)  # cancelled: nothing left to generate
     assert stored_objects(ctx) == []
     with ctx.db.read() as s:
         from api.db.models import Request
