@@ -263,7 +263,7 @@ def test_ended_interrogations_go_with_their_results(api, ctx):
         "id": form["id"], "result": {"caption": "c"}}).status_code == 200
     waiting = ask(api, ["caption"]).json()["id"]
     # A post-processor's stored result (as service.submit stores one).
-    key = result_key(done, form["id"])
+    key = result_key(done, form["id"], "a-claim")
     ctx.storage.put(key, b"webp", "image/webp")
     with ctx.db.write() as s:
         s.execute(update(InterrogationForm).where(InterrogationForm.interrogation_id == done)
