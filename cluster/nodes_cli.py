@@ -87,6 +87,10 @@ def up(args: argparse.Namespace) -> int:
              namespace="serve", log_to_driver=False)
     try:
         config = load_config(args.config, settings=parse_settings(args.set), http_port=args.http_port)
+        # The API is served from the head only (unless the config says otherwise): a volunteer's
+        # node must not take the cluster's HTTP traffic, and on one machine its proxy cannot
+        # bind the head's port and is restarted every 2 s, starving the node's own replica.
+        config.setdefault("proxy_location", "HeadOnly")
         deploy(config)
         http = config.get("http_options", {})
     finally:
