@@ -7,8 +7,8 @@ import sys
 
 from sqlalchemy import select
 
-from api import ledger
-from api.auth import hash_api_key, new_api_key, node_key_digest
+from api import ledger, node_keys
+from api.auth import hash_api_key, new_api_key
 from api.db.migrate import upgrade
 from api.db.models import ROLES, User
 from api.db.session import get_database
@@ -38,7 +38,7 @@ def users_create(args: argparse.Namespace) -> int:
     key = new_api_key()
     with db.write() as session:
         user = User(username=args.name, api_key_hash=hash_api_key(key, settings.key_salt),
-                    node_key_digest=node_key_digest(key), kudos=0.0,
+                    node_public_key=node_keys.node_public_key(key), kudos=0.0,
                     **{role: True for role in args.role})
         session.add(user)
         session.flush()

@@ -102,6 +102,18 @@ def any_model_of(entries: list[dict]) -> str:
     return next((e["name"] for e in entries if not e.get("inpainting")), "")
 
 
+def load_family_code() -> None:
+    """Import the model deployments' code (torch, diffusers, transformers: about 6 s on a
+    loaded 2-core machine) at start, not when the first volunteer node joins: that node's
+    deploy (cluster.app.family_deployments) then starts at once, while there is work for it."""
+    try:
+        from cluster.app import family_deployments
+
+        family_deployments()
+    except Exception:  # the deploy imports it again, and reports what fails
+        log.warning("could not load the model deployments' code", exc_info=True)
+
+
 def volunteer_app_name(node_id: str, family: Family) -> str:
     return f"volunteer-{node_id[:12]}-{family.value}"
 
@@ -204,6 +216,8 @@ class Dispatcher:
                                       {Family(n): list(f["models"]) for n, f in families.items()})
         self.volunteer_routes: dict[str, list[FamilyRoute]] = {}
         self._deploying: dict[str, asyncio.Task] = {}  # by node id
+        if self.volunteers["enabled"]:
+            self._spawn(asyncio.to_thread(load_family_code))
         # Whatever a previous dispatcher had in flight died with it: hand it back now rather
         # than waiting for the deadlines.
         for route in self.routes.values():

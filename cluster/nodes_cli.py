@@ -26,8 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-from api.auth import node_key_digest
+import httpx
+
+from api import node_keys
 from cluster.bridge import head_labels, node_labels
+from cluster.node_proof import KEY_FILE_ENV, default_key_file, write_key
 from models.catalog import Family, load_catalog
 
 DEFAULT_PORT = 6380  # not 6379: that is Redis's
@@ -87,6 +90,10 @@ def up(args: argparse.Namespace) -> int:
              namespace="serve", log_to_driver=False)
     try:
         config = load_config(args.config, settings=parse_settings(args.set), http_port=args.http_port)
+        # The API is served from the head only (unless the config says otherwise): a volunteer's
+        # node must not take the cluster's HTTP traffic, and on one machine its proxy cannot
+        # bind the head's port and is restarted every 2 s, starving the node's own replica.
+        config.setdefault("proxy_location", "HeadOnly")
         deploy(config)
         http = config.get("http_options", {})
     finally:
@@ -115,9 +122,9 @@ def offered_families(models: list[str], catalog_path: str) -> list[Family]:
     return sorted({catalog.get(m).family for m in models}, key=list(Family).index)
 
 
-def join_command(args: argparse.Namespace, families: list[Family]) -> list[str]:
+def join_command(args: argparse.Namespace, families: list[Family], public_key: str) -> list[str]:
     cmd = [ray_bin(), "start", "--address", args.address, "--resources", json.dumps({"volunteer": 1}),
-           "--labels", json.dumps(node_labels(node_key_digest(args.api_key), families))]
+           "--labels", json.dumps(node_labels(public_key, families))]
     for flag, value in (("--num-gpus", args.num_gpus), ("--num-cpus", args.num_cpus),
                         ("--node-manager-port", args.node_manager_port)):
         if value is not None:
@@ -127,16 +134,39 @@ def join_command(args: argparse.Namespace, families: list[Family]) -> list[str]:
     return cmd
 
 
+def register_node_key(api_url: str, api_key: str) -> str:
+    """PUT /node_key: the server stores the node key's public half for the key's user."""
+    try:
+        r = httpx.put(f"{api_url.rstrip('/')}/node_key", headers={"apikey": api_key}, timeout=30)
+    except httpx.HTTPError as e:
+        raise SystemExit(f"rayhorde join: could not register the node key at {api_url} "
+                         f"({type(e).__name__}); give the API's address with --api-url") from None
+    if r.status_code != 200:  # the answer names the problem, never the key
+        raise SystemExit(f"rayhorde join: registering the node key failed: {r.status_code} "
+                         f"{r.text[:300]}")
+    return r.json()["node_public_key"]
+
+
 def join(args: argparse.Namespace) -> int:
     families = offered_families(args.models.split(",") if args.models else [], args.catalog)
-    cmd = join_command(args, families)
+    key = node_keys.node_private_key(args.api_key)
+    public_key = node_keys.public_key_text(key)
+    cmd = join_command(args, families, public_key)
+    key_file = Path(args.key_file).expanduser().resolve()
     if args.dry_run:
-        print("RAY_AUTH_MODE=token RAY_AUTH_TOKEN=... " + shlex.join(cmd))
+        print(f"{KEY_FILE_ENV}={shlex.quote(str(key_file))} RAY_AUTH_MODE=token "
+              "RAY_AUTH_TOKEN=... " + shlex.join(cmd))
         return 0
     token = args.token or os.environ.get("RAY_AUTH_TOKEN")
     if not token:
         raise SystemExit("rayhorde join: give the cluster's token (--token or RAY_AUTH_TOKEN)")
-    done = subprocess.run(cmd, env={**os.environ, **token_env(token)})
+    api_url = args.api_url or f"http://{args.address.rpartition(':')[0]}:8000/api/v2"
+    if register_node_key(api_url, args.api_key) != public_key:
+        raise SystemExit("rayhorde join: the API stored another node key than this one derives")
+    write_key(key_file, key)
+    env = {**os.environ, **token_env(token), KEY_FILE_ENV: str(key_file)}
+    env.pop("RAYHORDE_API_KEY", None)  # the node's processes inherit this environment
+    done = subprocess.run(cmd, env=env)
     if done.returncode == 0 and not args.block:
         print(f"joined {args.address} offering {', '.join(f.value for f in families)}; the "
               "cluster's bridge registers this node as your worker within seconds")
@@ -222,6 +252,11 @@ def add_parsers(subparsers) -> None:
     j.add_argument("--node-manager-port", type=int)
     j.add_argument("--block", action="store_true", help="stay in the foreground")
     j.add_argument("--dry-run", action="store_true", help="print the plain ray start command")
+    j.add_argument("--api-url", help="the cluster's API, where the node key is registered "
+                                     "(default http://HEAD:8000/api/v2)")
+    j.add_argument("--key-file", default=str(default_key_file()),
+                   help="where the node key is kept (default $RAYHORDE_CONFIG_DIR/node_key.pem, "
+                        "else ~/.config/rayhorde/node_key.pem)")
 
     def checked_join(args):
         if not args.api_key:

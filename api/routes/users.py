@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from api import users
+from api import node_keys, users
 from api.db.models import IdempotencyKey, User
 from api.errors import HordeError
 from api.routes.deps import authenticate, ctx_of, rate_limited, registered
@@ -68,6 +68,17 @@ def modify_user(body: UserModify, request: Request, user_id: int = UserIdPath,
     with ctx.db.write() as session:
         moderator = registered(ctx, session, apikey, "changing a user")
         return users.modify(ctx, session, moderator, users.get_user(session, user_id), body)
+
+
+@router.put("/node_key")
+def register_node_key(request: Request, apikey: str | None = Header(None)):
+    """Store the caller's node key (derived from this API key, api/node_keys.py), which their
+    Ray-joined volunteer nodes prove themselves with; `rayhorde join` calls it. Idempotent."""
+    ctx = ctx_of(request)
+    with ctx.db.write() as session:
+        user = registered(ctx, session, apikey, "registering a node key")
+        user.node_public_key = node_keys.node_public_key(apikey)
+        return {"node_public_key": user.node_public_key}
 
 
 @router.post("/kudos/transfer", response_model=KudosTransferResponse)

@@ -1,7 +1,8 @@
 """Volunteer Ray nodes through the bridge, on a multi-node cluster in one process tree
 (ray.cluster_utils.Cluster, as Ray's own tests do): a node joins, gets its own replica and
 work, its owner earns kudos; when it is removed mid-job the job completes on the head and its
-worker goes offline; a node naming no user is refused."""
+worker goes offline; a node naming no user's key, or naming one it cannot sign with, is
+refused and earns its named owner nothing."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.app import context_from_settings, create_app
-from api.auth import hash_api_key, node_key_digest
-from api.db.models import Generation, User
+from api.auth import hash_api_key
+from api.db.models import Generation, User, Worker
+from api.node_keys import node_private_key, node_public_key
 from api.settings import Settings
 from cluster.bridge import head_labels, node_labels
+from cluster.node_proof import KEY_FILE_ENV, write_key
 from models.catalog import Family
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
@@ -70,15 +73,30 @@ def horde(tmp_path_factory):
         ctx = context_from_settings(Settings(**settings))
         with ctx.db.write() as s:
             s.add(User(username="vol", api_key_hash=hash_api_key(KEY, ctx.settings.key_salt),
-                       node_key_digest=node_key_digest(KEY)))
+                       node_public_key=node_public_key(KEY)))
         with TestClient(create_app(ctx)) as client:
-            yield {"cluster": cluster, "client": client, "ctx": ctx}
+            yield {"cluster": cluster, "client": client, "ctx": ctx, "workdir": workdir}
     finally:
         try:
             serve.shutdown()
         finally:
             ray.shutdown()
             cluster.shutdown()
+
+
+def key_file(workdir: Path, api_key: str) -> str:
+    """A node's key file as `rayhorde join` writes it, for the key `api_key` derives."""
+    path = workdir / f"node-key-{api_key}.pem"
+    write_key(path, node_private_key(api_key))
+    return str(path)
+
+
+def dispatcher_stats():
+    from ray import serve
+
+    from cluster.deploy import APP_NAME
+
+    return serve.get_deployment_handle("dispatcher", APP_NAME).stats.remote().result()
 
 
 def node_worker(client, name_part: str):
@@ -104,7 +122,8 @@ def done(client, rid, timeout=240):
 def test_volunteer_node_joins_works_and_leaves(horde):
     cluster, client, ctx = horde["cluster"], horde["client"], horde["ctx"]
     node = cluster.add_node(num_cpus=1, resources={"volunteer": 1},
-                            labels=node_labels(node_key_digest(KEY), SD))
+                            labels=node_labels(node_public_key(KEY), SD),
+                            env_vars={KEY_FILE_ENV: key_file(horde["workdir"], KEY)})
     worker = wait_for("the node's worker", lambda: (lambda w: w if w and w["online"] else None)(
         node_worker(client, node.node_id[:8])))
     assert worker["models"] == ["tiny-sd15"] and worker["owner"].startswith("vol#")
@@ -138,7 +157,7 @@ def test_volunteer_node_joins_works_and_leaves(horde):
     def held_by_node():
         return holder(second) == worker["id"]
 
-    time.sleep(0.5)  # inside the pipeline call
+    # The node holds it (its replica's call starts as the claim is made): it leaves now.
     left_at = time.time()
     cluster.remove_node(node)
     wait_for("the node's worker to go offline",
@@ -155,17 +174,30 @@ def test_volunteer_node_joins_works_and_leaves(horde):
     assert done(client, first)["finished"] == 1
 
 
-def test_node_with_an_unknown_key_is_refused(horde):
+@pytest.mark.parametrize("case", ["unknown key", "copied label, other key", "copied label, no key"])
+def test_a_node_that_cannot_prove_its_owner_is_refused(horde, case):
+    """A node gets an owner only by signing with the key its label names: one naming no user's
+    key, or copying a user's key label (labels are public) without holding the key, gets no
+    worker, no application and no work, and the user its label names earns nothing."""
     from ray import serve
 
-    cluster, client = horde["cluster"], horde["client"]
+    cluster, client, ctx = horde["cluster"], horde["client"], horde["ctx"]
+    label = node_public_key("nobody-has-this-key-00") if case == "unknown key" \
+        else node_public_key(KEY)
+    env = {} if case == "copied label, no key" else \
+        {KEY_FILE_ENV: key_file(horde["workdir"], "an-attackers-own-key0")}
+    before = client.get("/api/v2/find_user", headers={"apikey": KEY}).json()["kudos"]
     node = cluster.add_node(num_cpus=1, resources={"volunteer": 1},
-                            labels=node_labels(node_key_digest("nobody-has-this-key-00"), SD))
-    from cluster.deploy import APP_NAME
-
-    dispatcher = serve.get_deployment_handle("dispatcher", APP_NAME)
-    wait_for("the bridge to refuse the node", lambda: node.node_id in
-             dispatcher.stats.remote().result()["refused_nodes"], timeout=60, every=0.2)
-    assert node_worker(client, node.node_id[:8]) is None
-    assert not [a for a in serve.status().applications if node.node_id[:12] in a]
-    cluster.remove_node(node)
+                            labels=node_labels(label, SD), env_vars=env)
+    try:
+        wait_for("the bridge to refuse the node",
+                 lambda: node.node_id in dispatcher_stats()["refused_nodes"], timeout=90, every=0.2)
+        assert node_worker(client, node.node_id[:8]) is None
+        with ctx.db.read() as s:  # no worker row names the node, so no owner is credited for it
+            assert s.execute(select(Worker).where(Worker.node_id == node.node_id)).first() is None
+        assert not [a for a in serve.status().applications if node.node_id[:12] in a]
+        st = done(client, submit(client))  # work still runs, on the head
+        assert st["generations"][0]["worker_name"] == "rayhorde-cluster/stable_diffusion_1"
+        assert client.get("/api/v2/find_user", headers={"apikey": KEY}).json()["kudos"] == before
+    finally:
+        cluster.remove_node(node)

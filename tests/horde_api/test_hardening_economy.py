@@ -322,7 +322,7 @@ def test_migration_renames_squatted_cluster_names(db, ctx):
 
 
 def test_long_volunteer_node_names_never_collide(ctx):
-    from cluster.bridge import FAMILY_LABEL_PREFIX, OWNER_LABEL, VolunteerBridge
+    from cluster.bridge import FAMILY_LABEL_PREFIX, Proof, VolunteerBridge
     from models.catalog import Family
 
     bridge = VolunteerBridge(ctx.db, ctx.settings, {Family.stable_diffusion_1: ["tiny-sd15"]})
@@ -332,12 +332,13 @@ def test_long_volunteer_node_names_never_collide(ctx):
         user, _ = make_user(ctx, f"owner{i}")
         with ctx.db.write() as s:
             s.execute(update(User).where(User.id == user.id)
-                      .values(username=username, node_key_digest=f"digest-{i}"))
+                      .values(username=username, node_public_key=f"key-{i}"))
         for _ in range(2):
             node_id = (uuid.uuid4().hex + uuid.uuid4().hex)[:56]  # as Ray's node ids
-            info = {"Labels": {OWNER_LABEL: f"digest-{i}",
-                               FAMILY_LABEL_PREFIX + Family.stable_diffusion_1.value: "yes"}}
-            nodes.append(bridge._admit(node_id, info, time.time()))
+            info = {"Labels": {FAMILY_LABEL_PREFIX + Family.stable_diffusion_1.value: "yes"}}
+            # (as a node whose proof verified: cluster/bridge.py)
+            nodes.append(bridge._admit(node_id, info, Proof(user.id, f"key-{i}", b"", None, 0),
+                                       time.time()))
     assert None not in nodes
     names = [n.worker_name for n in nodes]
     assert len(set(names)) == len(names) == 6
@@ -347,16 +348,15 @@ def test_long_volunteer_node_names_never_collide(ctx):
 
 def test_volunteer_nodes_earn_the_uptime_bonus_only_for_work(ctx):
     """A Ray-joined node's heartbeat pays the bonus as HTTP pops do: for a period with work."""
-    from cluster.bridge import FAMILY_LABEL_PREFIX, OWNER_LABEL, VolunteerBridge
+    from cluster.bridge import FAMILY_LABEL_PREFIX, Proof, VolunteerBridge
     from models.catalog import Family
 
     bridge = VolunteerBridge(ctx.db, ctx.settings, {Family.stable_diffusion_1: ["tiny-sd15"]})
     owner, _ = make_user(ctx, "node-owner")
     with ctx.db.write() as s:
-        s.execute(update(User).where(User.id == owner.id).values(node_key_digest="digest-n"))
-    info = {"Labels": {OWNER_LABEL: "digest-n",
-                       FAMILY_LABEL_PREFIX + Family.stable_diffusion_1.value: "yes"}}
-    node = bridge._admit("n" * 56, info, time.time())
+        s.execute(update(User).where(User.id == owner.id).values(node_public_key="key-n"))
+    info = {"Labels": {FAMILY_LABEL_PREFIX + Family.stable_diffusion_1.value: "yes"}}
+    node = bridge._admit("n" * 56, info, Proof(owner.id, "key-n", b"", None, 0), time.time())
     bridge.nodes[node.node_id] = node
     period, bonus = ctx.settings.uptime_bonus_seconds, ctx.settings.uptime_bonus_kudos
     assert bonus > 0

@@ -129,10 +129,13 @@ def test_replica_killed_mid_generation_still_completes(cluster):
         deadline = time.time() + 120
         while time.time() < deadline and victim is None:
             if http.get(f"{API}/generate/check/{rid}").json()["processing"] == 1:
-                time.sleep(1.0)  # well inside the pipeline call
-                victim = cluster["replica_actor"]("sd15")
+                actor = cluster["replica_actor"]("sd15")
+                # Killed inside the call: once the replica itself counts it as ongoing (a 150-step
+                # job then runs for seconds), not after a guessed while.
+                if ray.get(actor.get_num_ongoing_requests.remote(), timeout=30) >= 1:
+                    victim = actor
             time.sleep(0.1)
-        assert victim is not None, "the job never started"
+        assert victim is not None, "the job never started on the replica"
         ray.kill(victim, no_restart=True)
         st = wait_done(http, rid, timeout=400)
     assert st["done"] and st["finished"] == 1, st
