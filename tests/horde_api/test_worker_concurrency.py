@@ -21,10 +21,10 @@ from api.db.session import Database
 from api.errors import HordeError
 from api.schemas import ImageGenerateRequest
 from api.worker_schemas import ImagePopInput, JobSubmitInput
-from conftest import make_ctx
+from conftest import make_ctx, webp_bytes
 from test_economy import assert_ledger_consistent, make_user
 
-WEBP = b"RIFF\x1a\x00\x00\x00WEBPVP8L\x0d\x00\x00\x00/\x00\x00\x00\x10\x07\x10\x11\x11\x88\x88\xfe\x07\x00"
+WEBP = webp_bytes(256, 256)  # the result of the 256x256 jobs queue_request makes
 
 
 def queue_request(ctx, user, n: int, ip: str = "127.0.0.1") -> str:
