@@ -41,13 +41,14 @@ def upgrade(db: Database, revision: str = "head") -> None:
 def reset(url: str) -> Database:
     """Drop every table of the database at `url` and migrate it afresh: for tests and
     benchmarks on scratch databases, never a live one."""
-    from sqlalchemy import text
-
-    from api.db.models import Base
+    from sqlalchemy import MetaData
 
     db = Database(url)
     with db.engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-        Base.metadata.drop_all(conn)
+        # Every table there is, not only the ones this code knows: a checkout of another
+        # revision may have left tables of its own.
+        existing = MetaData()
+        existing.reflect(conn)
+        existing.drop_all(conn)
     upgrade(db)
     return db
