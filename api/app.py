@@ -146,4 +146,5 @@ def context_from_settings(settings) -> Context:
 def make_limiter(settings) -> RateLimiter:
     return RateLimiter(settings.rate_limit_storage, {
         "submit": settings.rate_limit_submit, "poll": settings.rate_limit_poll,
-        "pop": settings.rate_limit_pop, "users": settings.rate_limit_users})
+        "pop": settings.rate_limit_pop, "users": settings.rate_limit_users,
+        "source_pixels": settings.rate_limit_source_pixels})

@@ -178,21 +178,25 @@ def limits(settings: Settings) -> sources.SourceLimits:
                                 allow_private_urls=settings.allow_private_source_urls)
 
 
-def store(settings: Settings, storage: Storage, body: ImageGenerateRequest) -> StoredSources:
+def store(settings: Settings, storage: Storage, body: ImageGenerateRequest,
+          charge: sources.Charge | None = None) -> StoredSources:
     """Fetch or decode the source image and mask (blocking: URLs are fetched; call it off the
     event loop and outside any database transaction), check the inpainting rule that needs
-    the image, and store both as lossless PNG under a new request id."""
+    the image, and store both as lossless PNG under a new request id. `charge` counts each
+    image's pixels against the caller's budget before they are decoded."""
     request_id = str(uuid.uuid4())
     if body.source_image is None:
         return StoredSources(request_id)
     lim = limits(settings)
-    image = sources.load_source(body.source_image, "source_image", lim)
-    mask = None if body.source_mask is None else sources.load_source(body.source_mask, "source_mask", lim)
+    image = sources.load_source(body.source_image, "source_image", lim, charge=charge)
+    mask = (None if body.source_mask is None
+            else sources.load_source(body.source_mask, "source_mask", lim, charge=charge))
     if body.source_processing in ("inpainting", "outpainting") and mask is None and not image.has_alpha:
         raise HordeError(400, "InpaintingMissingMask",
                          f"source_mask: {body.source_processing} needs a source_mask or a "
                          "source_image with transparent pixels to repaint")
-    extras = [(sources.load_source(e.image, f"extra_source_images[{i}].image", lim), e.strength)
+    extras = [(sources.load_source(e.image, f"extra_source_images[{i}].image", lim, charge=charge),
+               e.strength)
               for i, e in enumerate(body.extra_source_images or [])]
     # Workers download the sources by these keys: a folder of their own, never named by the
     # request's id (with which anyone can read and cancel the request).

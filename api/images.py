@@ -142,12 +142,36 @@ def _cost(body: ImageGenerateRequest, family: Family) -> float:
     return round(cost, 2)
 
 
-def prepare(ctx: Context, body: ImageGenerateRequest) -> image_workflows.StoredSources:
-    """Before the request's transaction (blocking, off the event loop): the cheap rules first,
-    then the source image and mask fetched or decoded with limits and stored once."""
+def prepare(ctx: Context, user: User | None, body: ImageGenerateRequest,
+            charge=None) -> image_workflows.StoredSources:
+    """Before the request's transaction (blocking, off the event loop), once the caller is
+    authenticated: every rule that needs neither the sources nor a write (the workflow, and
+    what the user's standing allows), then the sources fetched or decoded with limits, their
+    pixels counted by `charge` before they are decoded, and stored once. A request refused
+    by its rules costs no fetch and no decoding. (`user` is None for a request without
+    sources: submit checks its standing.)"""
     models = request_models(ctx, body)
     image_workflows.check(models.catalog, ctx.adapters, body, models.family)
-    return image_workflows.store(ctx.settings, ctx.storage, body)
+    if user is not None:
+        check_standing(user, body, _cost(body, models.family))
+    return image_workflows.store(ctx.settings, ctx.storage, body, charge)
+
+
+def check_standing(user: User, body: ImageGenerateRequest, kudos: float) -> None:
+    """What the request asks that the user's standing must allow: upfront kudos need a
+    registered user, more than one extra source image a trusted one. (Whether the user holds
+    the upfront kudos is checked in submit, under the balance's lock.)"""
+    p = body.params
+    if needs_upfront_kudos(p.width, p.height, p.steps) and user.id == ANONYMOUS_USER_ID:
+        raise HordeError(403, "KudosUpfront", _upfront_refused(kudos) + ": register for an API key")
+    if len(body.extra_source_images or []) > 1 and not user.trusted:
+        raise HordeError(403, "InvalidExtraSourceImages",
+                         "extra_source_images: more than one extra image needs a trusted user")
+
+
+def _upfront_refused(kudos: float) -> str:
+    return (f"params: a job over {UPFRONT_PIXELS} pixels or {UPFRONT_STEPS} steps "
+            f"needs its {kudos} kudos upfront")
 
 
 def requirement_warnings(entries: list[ModelEntry], body: ImageGenerateRequest) -> list[dict[str, str]]:
@@ -198,19 +222,13 @@ def submit(ctx: Context, user: User, body: ImageGenerateRequest, client_agent: s
     kudos = _cost(body, family)
     anonymous = user.id == ANONYMOUS_USER_ID
     upfront = needs_upfront_kudos(p.width, p.height, p.steps)
-    upfront_refused = (f"params: a job over {UPFRONT_PIXELS} pixels or {UPFRONT_STEPS} steps "
-                       f"needs its {kudos} kudos upfront")
-    if upfront and anonymous:
-        raise HordeError(403, "KudosUpfront", upfront_refused + ": register for an API key")
+    check_standing(user, body, kudos)
     nsfw, censor_nsfw = body.nsfw, body.censor_nsfw
     if user.education:
         if nsfw or not censor_nsfw:
             warnings.append({"code": "EducationSFW", "message":
                              "nsfw, censor_nsfw: education accounts always get SFW images"})
         nsfw, censor_nsfw = False, True
-    if len(body.extra_source_images or []) > 1 and not user.trusted:
-        raise HordeError(403, "InvalidExtraSourceImages",
-                         "extra_source_images: more than one extra image needs a trusted user")
     # Upfront kudos are reserved, not only checked: what the user's unfinished generations will
     # cost is spoken for, and its balance is locked first, so two such requests at once cannot
     # both count the same kudos. Other requests take the balance as read (no lock).
@@ -219,7 +237,7 @@ def submit(ctx: Context, user: User, body: ImageGenerateRequest, client_agent: s
     holds_upfront = not anonymous and balance - owed >= kudos
     if upfront and not holds_upfront:
         raise HordeError(403, "KudosUpfront",
-                         upfront_refused + f"; you hold {round(balance, 2)}, of which "
+                         _upfront_refused(kudos) + f"; you hold {round(balance, 2)}, of which "
                          f"{round(owed, 2)} pay for your generations still queued")
     admission.check_workers(session, body.workers)
     now = time.time()

@@ -4,6 +4,7 @@ state), so `num_replicas` or autoscaling can add as many as the load needs."""
 from __future__ import annotations
 
 import logging
+import os
 
 from ray import serve
 
@@ -18,6 +19,12 @@ log = logging.getLogger("ray.serve")
 @serve.ingress()
 class ApiIngress:
     def __init__(self, settings: dict, dispatcher=None):
+        # The replica's uvicorn starts after this (Serve's direct ingress, once the replica is
+        # initialized) and reads FORWARDED_ALLOW_IPS then: empty, it never rewrites the peer
+        # from a client's X-Forwarded-For (by default it trusts the header from loopback,
+        # where Serve's HAProxy is). The app reads the header itself, as far as the
+        # `trusted_proxy_hops` setting allows (api/routes/deps.py client_ip).
+        os.environ["FORWARDED_ALLOW_IPS"] = ""
         self.ctx = context_from_settings(Settings(**settings))
         self.dispatcher = dispatcher
         self._wake = WakeCoalescer(self._send_wake)

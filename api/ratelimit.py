@@ -102,12 +102,18 @@ class RateLimiter:
     def check(self, group: str, subject: str, limit: str | None = None) -> None:
         """Count one call of `group` against `subject` (`address_subject` or `user_subject`), at
         `limit` when given, else the group's own."""
+        self.spend(group, subject, 1, limit, f"{group} requests")
+
+    def spend(self, group: str, subject: str, cost: int, limit: str | None = None,
+              what: str | None = None) -> None:
+        """Count `cost` units of `group` (calls, or e.g. decoded source pixels) against
+        `subject`; 429 when the window has no room for all of them (nothing is counted then)."""
         item = parse_limit(limit) if limit is not None else self.limits[group]
-        if not self.strategy.hit(item, group, subject):
+        if not self.strategy.hit(item, group, subject, cost=cost):
             reset_at, _ = self.strategy.get_window_stats(item, group, subject)
             retry = max(1, math.ceil(reset_at - time.time()))
             who = "user" if subject.startswith("user:") else "address"
             metrics.rate_limited(group)
             raise HordeError(429, "TooManyRequests",
-                             f"too many {group} requests from this {who}: at most {item}; "
+                             f"too many {what or group} from this {who}: at most {item}; "
                              f"retry in {retry} s", headers={"Retry-After": str(retry)})

@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     # How often each API replica checks whether the prompt filters changed (api/filters).
     filter_refresh_seconds: float = Field(2.0, gt=0)
 
+    # Proxies in front of the API that append the client's address to X-Forwarded-For (an
+    # outer nginx or HAProxy; Serve's own ingress is not one): the client address is then the
+    # entry this many places from the right (api/routes/deps.py client_ip). 0: the peer. Only
+    # set it when nothing but those proxies can reach the API's port.
+    trusted_proxy_hops: int = Field(0, ge=0, le=10)
+
     # Rate limits per API key and per client address (limits' syntax, e.g. "60/minute");
     # "memory://" counts per API replica, "redis://host:port" across all of them.
     rate_limit_storage: str = "memory://"
@@ -109,6 +115,12 @@ class Settings(BaseSettings):
     # per address. A tier never gets less than the one below it (api/ratelimit.py).
     rate_limit_submit_registered: str = "90/minute"
     rate_limit_submit_trusted: str = "300/minute"
+    # Pixels of source images (img2img, masks, remix, alchemy) decoded a minute for one address
+    # or one registered user: decoding is the costly part of a request, paid before any kudos
+    # are, so it has a budget of its own (the default: about six 3072x3072 sources a minute,
+    # twenty for a registered user). Past it: 429, before the pixels are decoded.
+    rate_limit_source_pixels: str = "60000000/minute"
+    rate_limit_source_pixels_registered: str = "200000000/minute"
 
     # The worker economy (api/workers.py). HTTP workers (image, text and alchemy together) one
     # user may have, and a trusted user or moderator: the AI Horde lets a user run about 4

@@ -31,7 +31,8 @@ import re
 import socket
 import ssl
 import time
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
 
@@ -51,8 +52,6 @@ _SIGNATURES = ((b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\0", "TIFF"), (b"MM\0*", 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _DATA = re.compile(r"^data:[^,]*;base64,", re.I)
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-# getaddrinfo has no timeout of its own; it runs here so the fetch deadline bounds it.
-_resolver = ThreadPoolExecutor(4, thread_name_prefix="rayhorde-resolve")
 # Certificates of https URLs are verified against the URL's host name (certifi's CAs); tests
 # put an SSLContext trusting their own CA here.
 VERIFY: ssl.SSLContext | bool = True
@@ -76,6 +75,10 @@ class SourceImage:
 
 
 Fetch = Callable[[str, str, SourceLimits], bytes]
+# Called with (field, width * height) once an image's header is read and before any of its
+# pixels are decoded: the caller's pixel budget (api/routes/deps.py `pixel_budget`), which
+# raises to refuse the image.
+Charge = Callable[[str, int], None]
 
 
 def _fail(rc: str, field: str, message: str) -> HordeError:
@@ -98,9 +101,56 @@ def ip_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
                                  or ip.is_multicast or ip.is_reserved or ip.is_unspecified)
 
 
+class Resolver:
+    """getaddrinfo within a deadline. getaddrinfo has no timeout of its own and cannot be
+    interrupted, so each look-up runs on a thread of its own and its caller waits at most
+    until its fetch's deadline, then goes on (TimeoutError) while the thread finishes alone.
+    At most `max_lookups` threads run at once, and callers asking for the same host at once
+    share one look-up: a handful of slow names (a pool of 4 threads once) no longer blocks
+    every other fetch, and many requests naming one slow host cost one thread."""
+
+    def __init__(self, max_lookups: int = 32):
+        self._slots = threading.BoundedSemaphore(max_lookups)
+        self._lock = threading.Lock()
+        self._running: dict[tuple[str, int], Future] = {}
+
+    def resolve(self, host: str, port: int, timeout: float) -> list[str]:
+        key = (host.lower(), port)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            future = self._running.get(key)
+        if future is None:
+            if not self._slots.acquire(timeout=max(0.0, timeout)):
+                raise TimeoutError("every look-up thread is busy")
+            with self._lock:
+                future = self._running.get(key)
+                started = future is None
+                if started:
+                    future = self._running[key] = Future()
+            if started:
+                threading.Thread(target=self._look_up, args=(key, future), daemon=True,
+                                 name="rayhorde-resolve").start()
+            else:
+                self._slots.release()
+        return future.result(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _look_up(self, key: tuple[str, int], future: Future) -> None:
+        try:
+            infos = socket.getaddrinfo(key[0], key[1], type=socket.SOCK_STREAM)
+            future.set_result([info[4][0].split("%")[0] for info in infos])
+        except BaseException as e:  # handed to every caller waiting on it
+            future.set_exception(e)
+        finally:
+            with self._lock:
+                self._running.pop(key, None)
+            self._slots.release()
+
+
+_resolver = Resolver()
+
+
 def _resolve(host: str, port: int, timeout: float) -> list[str]:
-    infos = _resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
-    return [info[4][0].split("%")[0] for info in infos.result(timeout=timeout)]
+    return _resolver.resolve(host, port, timeout)
 
 
 class _Deadline:
@@ -247,7 +297,8 @@ def _normalized(img: Image.Image) -> Image.Image:
     return img.convert("RGBA" if alpha else "RGB")
 
 
-def decode_source(data: bytes, field: str, limits: SourceLimits) -> SourceImage:
+def decode_source(data: bytes, field: str, limits: SourceLimits,
+                  charge: Charge | None = None) -> SourceImage:
     if len(data) > limits.max_bytes:
         raise _fail("SourceImageTooLarge", field, f"more than {limits.max_bytes} bytes")
     # PIL's own bomb guard stays on as a backstop (never off, never below our limit); its
@@ -270,6 +321,8 @@ def decode_source(data: bytes, field: str, limits: SourceLimits) -> SourceImage:
     width, height = img.size
     if width * height > limits.max_pixels:
         raise _fail("SourceImageTooManyPixels", field, f"{width}x{height} is {too_many}")
+    if charge is not None:
+        charge(field, width * height)
     try:
         img.seek(0)  # animated: the first frame
         img.load()
@@ -285,9 +338,10 @@ def decode_source(data: bytes, field: str, limits: SourceLimits) -> SourceImage:
 
 
 def load_source(value: str, field: str, limits: SourceLimits = SourceLimits(),
-                fetch: Fetch | None = fetch_url) -> SourceImage:
-    """Base64 or an http(s) URL -> a checked image. `fetch=None` refuses URLs. Blocking (the
-    fetch and the decoding): call it from a thread pool, not on the event loop."""
+                fetch: Fetch | None = fetch_url, charge: Charge | None = None) -> SourceImage:
+    """Base64 or an http(s) URL -> a checked image. `fetch=None` refuses URLs; `charge` counts
+    the image's pixels before they are decoded. Blocking (the fetch and the decoding): call it
+    from a thread pool, not on the event loop."""
     value = (value or "").strip()
     if not value:
         raise _fail("SourceImageInvalid", field, "empty")
@@ -296,8 +350,8 @@ def load_source(value: str, field: str, limits: SourceLimits = SourceLimits(),
             raise _fail("SourceUrlRefused", field, "URLs are not accepted here")
         if not value.lower().startswith(("http://", "https://")):
             raise _fail("SourceUrlRefused", field, "only http and https URLs are accepted")
-        return decode_source(fetch(value, field, limits), field, limits)
-    return decode_source(_b64(value, field, limits), field, limits)
+        return decode_source(fetch(value, field, limits), field, limits, charge)
+    return decode_source(_b64(value, field, limits), field, limits, charge)
 
 
 def mask_from(source: SourceImage, mask: SourceImage | None,

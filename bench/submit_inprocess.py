@@ -57,10 +57,14 @@ def main() -> None:
     ids: list[str] = []
 
     def submit() -> None:
-        body = ImageGenerateRequest.model_validate(BODY)
-        prepared = images.prepare(ctx, body)
+        body, apikey = ImageGenerateRequest.model_validate(BODY), next(key)
+        # As the route does (api/routes/deps.py accept_request): the caller first, then the
+        # sources, then the write.
+        with ctx.db.read() as session:
+            caller, _ = paying_user(ctx, session, apikey, body, write=False)
+        prepared = images.prepare(ctx, caller, body)
         with ctx.db.write() as session:
-            user, _ = paying_user(ctx, session, next(key), body, write=True)
+            user, _ = paying_user(ctx, session, apikey, body, write=True)
             req, _ = images.submit(ctx, user, body, "bench:1:none",
                                    requester_of(user, "127.0.0.1"), session, prepared)
         ids.append(req.id)

@@ -51,7 +51,8 @@ def sqlite_db(tmp_path):
 
 # Tests make many calls quickly; the rate limit tests set their own limits.
 NO_RATE_LIMITS = {"rate_limit_submit": "100000/minute", "rate_limit_poll": "100000/minute",
-                  "rate_limit_pop": "100000/minute", "rate_limit_users": "100000/minute"}
+                  "rate_limit_pop": "100000/minute", "rate_limit_users": "100000/minute",
+                  "rate_limit_source_pixels": "100000000000/minute"}
 
 
 def make_settings(db: Database, tmp_path, **overrides) -> Settings:

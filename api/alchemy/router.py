@@ -21,6 +21,7 @@ from api.routes.deps import (
     client_agent,
     client_ip,
     ctx_of,
+    pixel_budget,
     rate_limited,
     registered,
     requester_of,
@@ -37,9 +38,9 @@ async def interrogate_async(body: AlchemyRequest, request: Request, apikey: str 
 
     def queued():
         with ctx.db.read() as session:
-            authenticate(ctx, session, apikey)  # a bad key is refused before any fetch
+            caller = authenticate(ctx, session, apikey)  # a bad key is refused before any fetch
         service.check_forms(body, service.served_forms(ctx))  # before the source is fetched
-        stored = service.prepare(ctx, body)
+        stored = service.prepare(ctx, body, pixel_budget(ctx, caller, ip))
         try:
             with ctx.db.write() as session:
                 user = authenticate(ctx, session, apikey)

@@ -68,10 +68,13 @@ def served_forms(ctx: Context) -> set[str]:
     return served
 
 
-def prepare(ctx: Context, body: AlchemyRequest) -> StoredSource:
+def prepare(ctx: Context, body: AlchemyRequest,
+            charge: sources.Charge | None = None) -> StoredSource:
     """Fetch or decode the source image with the limits of generation sources and store it
-    as PNG (blocking: off the event loop, outside any transaction)."""
-    image = sources.load_source(body.source_image, "source_image", image_workflows.limits(ctx.settings))
+    as PNG (blocking: off the event loop, outside any transaction); `charge` counts its pixels
+    against the caller's budget before they are decoded."""
+    image = sources.load_source(body.source_image, "source_image",
+                                image_workflows.limits(ctx.settings), charge=charge)
     interrogation_id = str(uuid.uuid4())
     # Workers download it by this key: a name of its own, never the interrogation's id (with
     # which anyone can read and cancel it).

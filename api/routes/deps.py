@@ -50,24 +50,41 @@ def registered(ctx: Context, session, apikey: str | None, what: str) -> User:
     return user
 
 
-# Every call that carries X-Forwarded-For counts as this one address (see client_ip).
+# With no trusted proxy hops, every call that carries X-Forwarded-For counts as this one
+# address (see client_ip).
 FORWARDED_ADDRESS = "forwarded"
+MAX_ADDRESS_LENGTH = 64  # an IPv6 address with a zone is at most 45; anything longer is junk
 
 
 def client_ip(request: Request) -> str:
-    """The caller's address: the connection's peer, as the server saw it. A client's own
-    X-Forwarded-For never counts. Serve's HAProxy ingress (Ray 2.60) neither sets nor strips
-    that header, and its config template has no way to add the peer's address to a request, so
-    whatever the header says came from the client. Worse, the server in front of this app
-    (uvicorn, in each Serve replica) trusts the header from loopback peers by default and
-    rewrites the peer from it; so a call carrying the header may have a forged peer too, and all
-    such calls count as one address, FORWARDED_ADDRESS, whatever they claim. The price: behind
-    the ingress every anonymous caller has the ingress's address, so the per-address limits and
-    the anonymous waiting cap are shared by all anonymous callers (registered users count per
-    user, see rate_limited)."""
-    if "x-forwarded-for" in request.headers:
-        return FORWARDED_ADDRESS
-    return request.client.host if request.client else ""
+    """The caller's address, as the limits and the anonymous waiting cap count it.
+
+    `trusted_proxy_hops` (settings) is how many proxies in front of the API append the peer
+    they saw to X-Forwarded-For (nginx's `$proxy_add_x_forwarded_for`, HAProxy's `option
+    forwardfor`): the address is then the entry that many places from the right, the one the
+    outermost of them appended. Entries left of it came from the client and never count, so
+    a client cannot choose its address. A call with fewer entries did not come through those
+    proxies and counts as its peer. (Serve's HAProxy ingress neither adds nor strips the
+    header, so it is not a hop.)
+
+    With no hops (the default), the address is the connection's peer. The header never
+    counts then, and a call carrying it counts as FORWARDED_ADDRESS whatever it claims: a
+    server in front of the app may have rewritten the peer from it (uvicorn does, for
+    loopback peers, unless FORWARDED_ALLOW_IPS says otherwise; the cluster's API replicas
+    switch that off, api/ingress.py). Behind the ingress with no hops every caller's peer is
+    the ingress, so the per-address limits are shared by all anonymous callers: a public
+    horde runs behind an outer proxy with `trusted_proxy_hops: 1` (README, "Public set-up")."""
+    hops = ctx_of(request).settings.trusted_proxy_hops
+    peer = request.client.host if request.client else ""
+    if hops == 0:
+        return FORWARDED_ADDRESS if "x-forwarded-for" in request.headers else peer
+    # Every X-Forwarded-For line, in order (HAProxy adds a line of its own; nginx appends).
+    entries = [e.strip() for line in request.headers.getlist("x-forwarded-for")
+               for e in line.split(",")]
+    if len(entries) < hops:
+        return peer
+    address = entries[-hops]
+    return address if 0 < len(address) <= MAX_ADDRESS_LENGTH else peer
 
 
 def requester_of(user: User, ip: str) -> str:
@@ -153,6 +170,25 @@ def _needs_lookup(ctx: Context, key: str | None) -> bool:
     return not ctx.limiter.callers.cached(hash_api_key(key, ctx.settings.key_salt))
 
 
+def pixel_budget(ctx: Context, user: User, ip: str) -> Callable[[str, int], None] | None:
+    """The `charge` of api/sources.py for this caller: each source image's pixels, counted
+    before they are decoded against the `source_pixels` budget of the user (registered) or the
+    address (anonymous); 429 past it. None when rate limits are off."""
+    if ctx.limiter is None:
+        return None
+    if user.id == ANONYMOUS_USER_ID:
+        subject, limit = address_subject(ip), None
+    else:
+        subject = user_subject(user.id)
+        limit = at_least(ctx.settings.rate_limit_source_pixels,
+                         ctx.settings.rate_limit_source_pixels_registered)
+
+    def charge(field: str, pixels: int) -> None:
+        ctx.limiter.spend("source_pixels", subject, pixels, limit,
+                          f"source image pixels ({field}: {pixels})")
+    return charge
+
+
 def paying_user(ctx: Context, session, apikey: str | None, body, write: bool):
     """(user, shared key) of a generation request: the user its key belongs to, or, for a
     shared key (api/sharedkeys), the key's owner once the key's state and limits allow the
@@ -210,7 +246,17 @@ async def accept_request(request: Request, body, apikey: str | None, price: Call
     agent, ip = client_agent(request), client_ip(request)
 
     def queued():
-        prepared = prepare(ctx, body) if prepare is not None else None
+        prepared = None
+        if prepare is not None:
+            caller = charge = None
+            if getattr(body, "source_image", None) is not None:
+                # The caller and the request's rules first: a bad key, a refused request or
+                # a spent pixel budget costs no fetch and no decoding. (Without sources
+                # nothing costly runs before the write transaction authenticates.)
+                with ctx.db.read() as session:
+                    caller, _ = paying_user(ctx, session, apikey, body, write=False)
+                charge = pixel_budget(ctx, caller, ip)
+            prepared = prepare(ctx, caller, body, charge)
         try:
             with ctx.db.write() as session:
                 user, shared_key = paying_user(ctx, session, apikey, body, write=True)

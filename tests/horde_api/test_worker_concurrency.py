@@ -33,8 +33,9 @@ def queue_request(ctx, user, n: int, ip: str = "127.0.0.1") -> str:
     with ctx.db.write() as s:
         # The user as the API sees it: loaded in this transaction (a stale copy merged in
         # would write its old balance back).
-        req, _ = images.submit(ctx, s.get(User, user.id), body, "tests:1:none", f"u:{user.id}", s,
-                               images.prepare(ctx, body))
+        loaded = s.get(User, user.id)
+        req, _ = images.submit(ctx, loaded, body, "tests:1:none", f"u:{user.id}", s,
+                               images.prepare(ctx, loaded, body))
         return req.id
 
 

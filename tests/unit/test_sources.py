@@ -407,3 +407,100 @@ def test_https_pinned_address_and_certificate_checked_against_host_name(tmp_path
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+# -- name resolution within a deadline (issue 21, finding 12) ------------------------------
+
+class SlowDns:
+    """socket.getaddrinfo stand-in: names starting with "slow" hang until `release` is set;
+    any other name resolves to loopback. Counts the look-ups of each name, and lets a test
+    wait until `n` slow look-ups are hanging."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.calls: dict[str, int] = {}
+        self.hanging = 0
+        self.cond = threading.Condition()
+        self.real = sources.socket.getaddrinfo
+
+    def __call__(self, host, port, *args, **kwargs):
+        with self.cond:
+            self.calls[host] = self.calls.get(host, 0) + 1
+            slow = host.startswith("slow")
+            self.hanging += slow
+            self.cond.notify_all()
+        if slow:
+            self.release.wait(60)
+            with self.cond:
+                self.hanging -= 1
+                self.cond.notify_all()
+            raise sources.socket.gaierror("no such name")
+        return self.real("127.0.0.1", port, *args, **kwargs)
+
+    def wait_hanging(self, n: int) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.hanging == n, timeout=10), self.hanging
+
+
+@pytest.fixture
+def slow_dns(monkeypatch):
+    dns = SlowDns()
+    monkeypatch.setattr(sources.socket, "getaddrinfo", dns)
+    yield dns
+    dns.release.set()
+    dns.wait_hanging(0)
+
+
+def test_slow_look_ups_never_hold_up_another_hosts(slow_dns):
+    """Ten names that never answer, each waited on by a caller past its deadline: a look-up of
+    any other name still answers at once (four such names used to stall every fetch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(10) as pool:
+        waiting = [pool.submit(sources._resolve, f"slow-{i}.example", 80, 0.5) for i in range(10)]
+        slow_dns.wait_hanging(10)
+        started = time.monotonic()
+        assert sources._resolve("fast.example", 80, 2.0) == ["127.0.0.1"]
+        assert time.monotonic() - started < 1.0
+        for f in waiting:  # each slow caller was let go at its own deadline
+            with pytest.raises(TimeoutError):
+                f.result(timeout=5)
+
+
+def test_callers_of_one_slow_host_share_one_look_up(slow_dns):
+    from concurrent.futures import ThreadPoolExecutor
+
+    resolver = sources.Resolver(max_lookups=2)
+    with ThreadPoolExecutor(8) as pool:
+        waiting = [pool.submit(resolver.resolve, "slow.example", 80, 1.0) for _ in range(8)]
+        slow_dns.wait_hanging(1)
+        for f in waiting:
+            with pytest.raises(TimeoutError):
+                f.result(timeout=5)
+    assert slow_dns.calls["slow.example"] == 1
+
+
+def test_look_ups_are_bounded_and_a_full_resolver_times_out_as_a_400(slow_dns, monkeypatch):
+    resolver = sources.Resolver(max_lookups=2)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(resolver.resolve, f"slow-{i}.example", 80, 3.0) for i in range(2)]
+        slow_dns.wait_hanging(2)
+        # Both threads are taken: a third name waits for one until its deadline, no longer.
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            resolver.resolve("fast.example", 80, 0.3)
+        assert 0.25 < time.monotonic() - started < 2.0
+        assert "fast.example" not in slow_dns.calls
+        # Through a fetch, that is a 400 naming the field, not a hang or a 500.
+        monkeypatch.setattr(sources, "_resolver", resolver)
+        err = refused("http://fast.example/a.png", "SourceUrlFailed",
+                      limits=SourceLimits(fetch_timeout_seconds=0.5))
+        assert "took over" in err.message
+        slow_dns.release.set()
+        for f in held:
+            with pytest.raises(OSError):
+                f.result(timeout=5)
+    # Threads freed: the same resolver answers again.
+    assert resolver.resolve("fast.example", 80, 2.0) == ["127.0.0.1"]
