@@ -522,6 +522,15 @@ class HttpWorker:
 
         self.say("shutting down Serve and Ray")
         try:
+            # Our handles' routers first: each pushes metrics to the controller from Serve's
+            # router thread, which outlives Ray in this process; a push after ray.shutdown()
+            # makes Ray end the whole process (in tests, the pytest run).
+            for handle in {id(h): h for h in (*self.handles.values(),
+                                                *self.extra_handles.values())}.values():
+                try:
+                    handle.shutdown()
+                except Exception:  # noqa: BLE001 - a router that never started: nothing to stop
+                    pass
             if self.config.ray_address == "local":
                 serve.shutdown()  # our own Ray: all of Serve is ours
             else:
@@ -529,6 +538,7 @@ class HttpWorker:
                 for app_name in self._serve_apps:
                     serve.delete(app_name)
         finally:
+            _settle_long_polls()
             ray.shutdown()
             self._ray_started = False
 
@@ -787,6 +797,38 @@ class HttpWorker:
         else:
             self.say(f"submit {gid[:8]}: refused ({r.status_code} {rc}): {message}")
         return None
+
+
+def _settle_long_polls(timeout_s: float = 5.0) -> None:
+    """Stop Serve's long-poll clients in this process, and let the last calls of this Ray
+    session's end, before Ray goes. They poll the controller from Serve's router thread and
+    stay after ray.shutdown() (Serve caches its shared client per controller for the life of
+    the process): a poll sent or answered after it, or a stale client polling in the next
+    session, makes Ray end the whole process. Serve has no public call for this (its own
+    tests start a process per cluster), hence the search. Never raises."""
+    import gc
+
+    import ray
+    from ray.serve._private.long_poll import LongPollClient
+    from ray.serve._private.router import SharedRouterLongPollClient
+
+    try:
+        clients = [o for o in gc.get_objects() if isinstance(o, LongPollClient)]
+        for client in clients:
+            client.stop()  # no further poll, from this session's clients or older ones
+        SharedRouterLongPollClient.get_or_create.cache_clear()
+        deadline = time.monotonic() + timeout_s
+        for client in clients:
+            ref = getattr(client, "_current_ref", None)
+            if ref is None:
+                continue
+            try:
+                ray.cancel(ref)
+                ray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - a call of an earlier session, or done already
+                pass
+    except Exception:  # noqa: BLE001 - Serve's internals moved: shut down as before
+        pass
 
 
 def short(ids: list[str]) -> str:

@@ -78,11 +78,11 @@ class ApiServer:
             self._server = None
             self.db.dispose()
 
-    def create_user(self, name: str) -> tuple[int, str]:
+    def create_user(self, name: str, **roles) -> tuple[int, str]:
         key = new_api_key()
         with self.db.write() as s:
             user = User(username=name, api_key_hash=hash_api_key(key, self.ctx.settings.key_salt),
-                        kudos=0.0)
+                        kudos=0.0, **roles)
             s.add(user)
             s.flush()
             return user.id, key

@@ -285,7 +285,11 @@ def _steer(case, target: Target, rnd: random.Random):
     if not isinstance(body, dict):
         return case
     if isinstance(body.get("models"), list):
-        body["models"] = rnd.sample(TINY_MODELS, rnd.randint(1, 2))
+        # Served models, and half the time the generated names after them: a worker's list
+        # of whatever it has on disk reaches the claim statement as it is.
+        generated = [m for m in body["models"] if isinstance(m, str)]
+        body["models"] = rnd.sample(TINY_MODELS, rnd.randint(1, 2)) + (
+            generated if rnd.random() < 0.5 else [])
     if isinstance(body.get("model"), str):
         body["model"] = "tiny-llm"
     if isinstance(body.get("forms"), list):

@@ -71,7 +71,7 @@ def test_sixteen_workers_pop_at_once(db, tmp_path):
     def work(index: int, client: TestClient):
         rng = random.Random(index)
         headers = owners[index % 4]
-        name = f"worker-{index}"
+        name = f"worker-{index % 4}"  # four threads per worker name: real races on one worker
         idle = 0
         while idle < 3:
             r = client.post("/api/v2/generate/pop", headers=headers, json={
