@@ -171,14 +171,17 @@ def png_b64(image) -> str:
 
 
 @contextmanager
-def serving_png(data: bytes):
+def serving_png(data: bytes, hits: list[str] | None = None):
     """A loopback HTTP server answering every GET with `data` (a source image's bytes); yields
-    its URL. Sources on loopback are refused unless allow_private_source_urls is set."""
+    its URL (any other path on it answers the same), and appends each path asked for to
+    `hits`. Sources on loopback are refused unless allow_private_source_urls is set."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
+            if hits is not None:
+                hits.append(self.path)
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()

@@ -6,16 +6,14 @@ is fetched or decoded. On SQLite and PostgreSQL, through the HTTP API."""
 from __future__ import annotations
 
 import base64
-import threading
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.app import create_app
-from conftest import make_ctx, png_b64, png_bytes
+from conftest import make_ctx, png_b64, png_bytes, serving_png
 from test_economy import ANON, make_user, submit
 
 pytestmark = pytest.mark.timeout(120)
@@ -25,28 +23,10 @@ SOURCE = Image.new("RGB", (256, 256), (200, 30, 30))  # 65,536 pixels
 
 @contextmanager
 def counting_server(data: bytes):
-    """A loopback server answering every GET with `data`; yields (url, hits) where hits is
-    the list of paths it was asked for."""
+    """conftest's image server; yields (its base URL, the paths it was asked for)."""
     hits: list[str] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            hits.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", hits
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving_png(data, hits) as url:
+        yield url.rsplit("/", 1)[0], hits
 
 
 def remix(url: str, extras: int) -> dict:
