@@ -66,7 +66,10 @@ def one_run(workdir: Path, backlog_size: int) -> dict:
                      "--api-key", h["key"], "--num-cpus", "1", "--models", "tiny-sd15",
                      "--key-file", str(workdir / "node_key.pem"))
         assert joined.returncode == 0, joined.stderr
+        t_ray_joined = time.time()  # `ray start` on the node has returned
         worker = wait_for("the node's worker", lambda: node_worker(http))
+        with db.read() as s:  # registered by the bridge once the node's proof verified
+            t_registered = s.get(Worker, worker["id"]).created_at
 
         def node_job(states):
             with db.read() as s:
@@ -109,7 +112,9 @@ def one_run(workdir: Path, backlog_size: int) -> dict:
                  timeout=300, every=0.05)
         t_done = time.time()
         db.dispose()
-    return {"join -> first job claimed": t_claimed - t_join,
+    return {"join -> node in Ray (join returns)": t_ray_joined - t_join,
+            "join -> worker registered (proof)": t_registered - t_join,
+            "join -> first job claimed": t_claimed - t_join,
             "join -> first job done": t_first_done - t_join,
             "death -> back in the queue": t_back - t_kill,
             "death -> done on the head": t_done - t_kill}
