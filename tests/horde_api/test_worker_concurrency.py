@@ -165,13 +165,18 @@ class WorkerProtocolMachine(RuleBasedStateMachine):
         try:
             job = workers.pop_image(self.ctx, self.owners[who], body)
         except HordeError as e:
-            # Expiries count as drops: enough in a row put the worker into maintenance, which
-            # its owner then ends (as PUT /workers/{id} does).
+            # Expiries and faults count as drops: enough in a row put the worker into a
+            # maintenance the horde imposes (a job it still held may since have been submitted,
+            # which restarts the count), which a moderator then ends.
             assert e.rc == "MaintenanceMode", e.message
+            limit = self.ctx.settings.max_consecutive_drops
             with self.ctx.db.write() as s:
                 worker = s.execute(select(Worker).where(Worker.name == f"w{who}")).scalar_one()
-                assert worker.consecutive_drops >= self.ctx.settings.max_consecutive_drops
-                worker.maintenance, worker.consecutive_drops = False, 0
+                assert worker.maintenance and worker.maintenance_until is not None
+                assert worker.maintenance_msg == f"dropped or faulted {limit} jobs in a row"
+                assert worker.dropped_jobs >= limit
+                worker.maintenance, worker.maintenance_until = False, None
+                worker.consecutive_drops = 0
             return
         for gid in job.ids:
             assert gid not in self.held, "handed out twice"
