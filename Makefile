@@ -29,7 +29,10 @@ run: install
 	mkdir -p data
 	$(BIN)/rayhorde run configs/local.yaml
 
+# scripts/test-services.sh starts PostgreSQL and Redis when they are down and installs
+# Debian's chromium (the web page's browser test) when it is missing.
 test: install
+	bash scripts/test-services.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Benchmarks print their figures; they reset the tables of the database they are given
