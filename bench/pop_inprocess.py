@@ -60,9 +60,15 @@ class RoundTrips:
         psycopg.Connection.wait = self._wait
 
 
-def measure(pop, pops: int) -> tuple[float, float, float]:
-    """(p50 wall ms, CPU ms per pop, round trips per pop) over `pops` pops."""
-    for _ in range(min(50, pops)):  # warm: statements built, prepared, cached
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def measure(pop, pops: int, warm: int = 50) -> dict:
+    """{p50, p99: wall ms; cpu: CPU ms per pop; trips: round trips per pop} over `pops` pops,
+    after `warm` pops (statements built, prepared, cached)."""
+    for _ in range(min(warm, pops)):
         pop()
     walls = []
     with RoundTrips() as trips:
@@ -72,7 +78,8 @@ def measure(pop, pops: int) -> tuple[float, float, float]:
             pop()
             walls.append((time.perf_counter() - t0) * 1000)
         cpu = (time.process_time() - cpu0) / pops * 1000
-    return statistics.median(walls), cpu, trips.count / pops
+    return {"p50": statistics.median(walls), "p99": percentile(walls, 0.99), "cpu": cpu,
+            "trips": trips.count / pops}
 
 
 def main() -> None:
@@ -99,8 +106,8 @@ def main() -> None:
             ("claims one job", measure(popper("tiny-sd15"), min(args.pops, args.waiting // 2)))]
     print(f"database: {db.engine.dialect.name}; {args.waiting} waiting; pop_image in process")
     print(f"{'pop':<22}{'p50 ms':>10}{'cpu ms':>10}{'round trips':>13}")
-    for name, (wall, cpu, trips) in rows:
-        print(f"{name:<22}{wall:>10.2f}{cpu:>10.2f}{trips:>13.1f}")
+    for name, m in rows:
+        print(f"{name:<22}{m['p50']:>10.2f}{m['cpu']:>10.2f}{m['trips']:>13.1f}")
     db.dispose()
     reset(args.url)
 

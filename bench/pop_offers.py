@@ -39,32 +39,12 @@ from api.text_schemas import TextPopInput  # noqa: E402
 from api.worker_schemas import ImagePopInput  # noqa: E402
 from bench_common import UNLIMITED, fill  # noqa: E402
 from conftest import make_ctx  # noqa: E402
-from pop_inprocess import RoundTrips  # noqa: E402
+from pop_inprocess import measure  # noqa: E402
 
 KEY = "bench-worker-key-00000"
 IMAGE_MODELS = [f"bench-image-model-{i:04d}" for i in range(1000)]
 TEXT_MODELS = [f"bench/text-model-{i:04d}" for i in range(1000)]
 WORDS = [f"blacklisted-word-{i:04d}" for i in range(1000)]
-
-
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
-def measure(pop, pops: int) -> dict:
-    for _ in range(min(5, pops)):  # warm: statements built and cached
-        pop()
-    walls = []
-    with RoundTrips() as trips:
-        cpu0 = time.process_time()
-        for _ in range(pops):
-            t0 = time.perf_counter()
-            pop()
-            walls.append((time.perf_counter() - t0) * 1000)
-        cpu = (time.process_time() - cpu0) / pops * 1000
-    return {"p50": statistics.median(walls), "p99": percentile(walls, 0.99), "cpu": cpu,
-            "trips": trips.count / pops}
 
 
 def submit_wait(ctx, pop, seconds: float = 3.0) -> float:
@@ -135,7 +115,7 @@ def main() -> None:
     print(f"{'pop':<44}{'p50 ms':>9}{'p99 ms':>9}{'cpu ms':>9}{'trips':>7}{'write waits ms':>16}")
     for label, pop in rows:
         try:
-            m = measure(pop, args.pops)
+            m = measure(pop, args.pops, warm=5)
             wait = submit_wait(ctx, pop)
         except Exception as exc:  # the old code's 500s (too many terms, parameters) show here
             print(f"{label:<44}  failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
