@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import random
 import secrets
@@ -539,6 +540,13 @@ class HttpWorker:
                     serve.delete(app_name)
         finally:
             _settle_long_polls()
+            # Nothing that holds a Ray reference (handles, their routers, object refs) may be
+            # freed after ray.shutdown(): freeing it then calls into the shut core worker,
+            # and Ray ends the whole process. What is garbage now goes while Ray is up; the
+            # handles are kept for the life of the process.
+            _KEPT_AFTER_SHUTDOWN.append((self.handles, self.extra_handles))
+            self.handles, self.extra_handles = {}, {}
+            gc.collect()
             ray.shutdown()
             self._ray_started = False
 
@@ -799,24 +807,23 @@ class HttpWorker:
         return None
 
 
+# Ray references kept past ray.shutdown() (see HttpWorker.shutdown).
+_KEPT_AFTER_SHUTDOWN: list = []
+
+
 def _settle_long_polls(timeout_s: float = 5.0) -> None:
     """Stop Serve's long-poll clients in this process, and let the last calls of this Ray
     session's end, before Ray goes. They poll the controller from Serve's router thread and
     stay after ray.shutdown() (Serve caches its shared client per controller for the life of
-    the process): a poll sent or answered after it, or a stale client polling in the next
-    session, makes Ray end the whole process. Serve has no public call for this (its own
+    the process, which also keeps them from being freed after it): a poll sent or answered
+    after it, or a stale client polling in the next session, makes Ray end the whole process. Serve has no public call for this (its own
     tests start a process per cluster), hence the search. Never raises."""
-    import gc
-
     import ray
     from ray.serve._private.long_poll import LongPollClient
-    from ray.serve._private.router import SharedRouterLongPollClient
-
     try:
         clients = [o for o in gc.get_objects() if isinstance(o, LongPollClient)]
         for client in clients:
             client.stop()  # no further poll, from this session's clients or older ones
-        SharedRouterLongPollClient.get_or_create.cache_clear()
         deadline = time.monotonic() + timeout_s
         for client in clients:
             ref = getattr(client, "_current_ref", None)
