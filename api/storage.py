@@ -209,7 +209,11 @@ class S3Storage(SignedUploads):
         )
 
     def get(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=self.bucket, Key=check_key(key))["Body"].read()
+        """The object's bytes; FileNotFoundError when there is none (as LocalStorage)."""
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=check_key(key))["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            raise FileNotFoundError(key) from None
 
     def exists(self, key: str) -> bool:
         return self.size(key) is not None
@@ -225,8 +229,15 @@ class S3Storage(SignedUploads):
             raise
 
     def copy(self, src: str, dst: str) -> None:  # server-side: the bytes never pass through here
-        self.client.copy_object(Bucket=self.bucket, Key=check_key(dst),
-                                CopySource={"Bucket": self.bucket, "Key": check_key(src)})
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.copy_object(Bucket=self.bucket, Key=check_key(dst),
+                                    CopySource={"Bucket": self.bucket, "Key": check_key(src)})
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(src) from None
+            raise
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=check_key(key))

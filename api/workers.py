@@ -394,7 +394,19 @@ def record(ctx: Context, user: User, generation_id: str, state: str,
                              f"worker {held.worker_name} reported a fault", s.max_attempts,
                              s.max_consecutive_drops, s.drop_maintenance_seconds, now)
             return 0.0, held
-        finished = queue.finish_in(session, [result(held)], now)
+        try:
+            outcome = result(held)
+        except HordeError as e:
+            # A submit of the same claim that committed meanwhile (PostgreSQL) consumed the
+            # upload: read again (one statement), this one is a duplicate (held_by raises
+            # DuplicateGen) or its claim is gone.
+            if e.rc == "MissingUpload" and held_by(session, user, generation_id).claim_id \
+                    != held.claim_id:
+                raise HordeError(400, "RequestExpired",
+                                 f"id: generation {generation_id} is no longer held by "
+                                 "this claim") from None
+            raise
+        finished = queue.finish_in(session, [outcome], now)
         if not finished:  # another submit of the same job won the compare-and-set
             raise HordeError(400, "DuplicateGen", f"id: generation {generation_id} was already submitted")
         return finished[0].reward, held
@@ -482,17 +494,21 @@ def store_result_image(ctx: Context, value: str, upload: str, key: str, field: s
     post-processor forms."""
     cap = result_cap(ctx.settings, *max(sizes))
     if value == "R2":
+        missing = HordeError(400, "MissingUpload",
+                             f"{field}: 'R2' but nothing was uploaded to this job's r2_upload URL")
         size = ctx.storage.size(upload)
         if size is None:
-            raise HordeError(400, "MissingUpload",
-                             f"{field}: 'R2' but nothing was uploaded to this job's r2_upload URL")
+            raise missing
         if size > cap:
             ctx.storage.delete(upload)  # a result that fits may be uploaded in its place
             check_result_size(size, cap, field)
-        check_image_result(ctx.storage.get(upload), sizes, cap, field)
-        # Copied under `key`, which no worker can write: later uploads change nothing the
-        # requester reads. The caller deletes `upload` once its transaction commits.
-        ctx.storage.copy(upload, key)
+        try:  # gone meanwhile: a submit of the same claim committed (and deleted it)
+            check_image_result(ctx.storage.get(upload), sizes, cap, field)
+            # Copied under `key`, which no worker can write: later uploads change nothing the
+            # requester reads. The caller deletes `upload` once its transaction commits.
+            ctx.storage.copy(upload, key)
+        except FileNotFoundError:
+            raise missing from None
         return key
     try:
         data = base64.b64decode(value, validate=True)
