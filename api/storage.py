@@ -188,6 +188,12 @@ class LocalStorage(SignedUploads):
                         break
         return found
 
+def _no_such_object(error) -> bool:
+    """Whether a botocore ClientError says the object does not exist (HEAD answers a bare 404,
+    GET and COPY NoSuchKey)."""
+    return error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
+
 class S3Storage(SignedUploads):
     def __init__(self, bucket: str, endpoint_url: str | None, region: str, url_ttl: int,
                  public_url: str = "http://127.0.0.1:8000", secret: str = "rayhorde-default-salt"):
@@ -224,7 +230,7 @@ class S3Storage(SignedUploads):
         try:
             return self.client.head_object(Bucket=self.bucket, Key=check_key(key))["ContentLength"]
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _no_such_object(e):
                 return None
             raise
 
@@ -235,7 +241,7 @@ class S3Storage(SignedUploads):
             self.client.copy_object(Bucket=self.bucket, Key=check_key(dst),
                                     CopySource={"Bucket": self.bucket, "Key": check_key(src)})
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _no_such_object(e):
                 raise FileNotFoundError(src) from None
             raise
 

@@ -816,8 +816,9 @@ def _settle_long_polls(timeout_s: float = 5.0) -> None:
     session's end, before Ray goes. They poll the controller from Serve's router thread and
     stay after ray.shutdown() (Serve caches its shared client per controller for the life of
     the process, which also keeps them from being freed after it): a poll sent or answered
-    after it, or a stale client polling in the next session, makes Ray end the whole process. Serve has no public call for this (its own
-    tests start a process per cluster), hence the search. Never raises."""
+    after it, or a stale client polling in the next session, makes Ray end the whole process.
+    Serve has no public call for this (its own tests start a process per cluster), hence the
+    search. Never raises."""
     import ray
     from ray.serve._private.long_poll import LongPollClient
     try:
